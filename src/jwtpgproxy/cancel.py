@@ -1,0 +1,89 @@
+"""Cancel requests: the client gets upstream's real process id and a secret of the proxy's
+own; a CancelRequest matching both is forwarded upstream with upstream's secret.
+
+Upstream's secret never leaves the proxy, so a client cannot cancel (or learn how to cancel)
+another client's queries. Secrets are compared in constant time. As in PostgreSQL, the
+canceller gets no reply either way (55.2.8 "Canceling Requests in Progress").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+from . import wire
+from .config import UpstreamTarget
+from .connection import ConnectionClosed, HandshakeProtocol
+from .upstream import connect_raw, negotiate_tls
+
+log = logging.getLogger("jwtpgproxy")
+
+#: Protocol 3.0 cancel keys are exactly four bytes.
+SECRET_LENGTH = 4
+_FORWARD_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class CancelEntry:
+    process_id: int
+    proxy_secret: bytes = field(repr=False)
+    upstream_secret: bytes = field(repr=False)
+    upstream_tls: bool
+
+
+class CancelRegistry:
+    """(process id, proxy secret) -> upstream cancel key, for the live sessions."""
+
+    def __init__(self) -> None:
+        self._by_pid: dict[int, CancelEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_pid)
+
+    def register(self, process_id: int, upstream_secret: bytes, upstream_tls: bool) -> CancelEntry:
+        proxy_secret = secrets.token_bytes(SECRET_LENGTH)
+        entry = CancelEntry(process_id, proxy_secret, upstream_secret, upstream_tls)
+        # Upstream process ids are unique among live backends; a stale entry for the same id
+        # (its session not yet cleaned up) is replaced by the live one.
+        self._by_pid[process_id] = entry
+        return entry
+
+    def unregister(self, entry: CancelEntry) -> None:
+        if self._by_pid.get(entry.process_id) is entry:
+            del self._by_pid[entry.process_id]
+
+    def match(self, request: wire.CancelRequest) -> CancelEntry | None:
+        entry = self._by_pid.get(request.process_id)
+        # Compare against a dummy when the pid is unknown, so timing does not tell
+        # whether a process id is live.
+        expected = entry.proxy_secret if entry is not None else b"\0" * SECRET_LENGTH
+        if hmac.compare_digest(expected, request.secret_key) and entry is not None:
+            return entry
+        return None
+
+
+async def forward_cancel(target: UpstreamTarget, entry: CancelEntry) -> None:
+    """Send upstream's CancelRequest on a new connection (over TLS if the session used TLS)
+    and wait for upstream to close it, as libpq's PQcancel does."""
+    protocol: HandshakeProtocol | None = None
+    try:
+        async with asyncio.timeout(_FORWARD_TIMEOUT):
+            protocol = await connect_raw(target)
+            if entry.upstream_tls:
+                await negotiate_tls(protocol, target)
+            protocol.write(wire.cancel_request(entry.process_id, entry.upstream_secret))
+            try:
+                while True:
+                    await protocol.read()
+            except ConnectionClosed:
+                pass
+    except TimeoutError:
+        log.warning("cancel request to upstream timed out: pid=%d", entry.process_id)
+    except Exception as exc:  # a failed cancel must not disturb the server
+        log.warning("cancel request to upstream failed: pid=%d error=%s", entry.process_id, exc)
+    finally:
+        if protocol is not None:
+            protocol.close()

@@ -1,0 +1,164 @@
+"""The ``jwt-postgresql-proxy`` console script.
+
+* no arguments (or ``serve``): run the proxy daemon, configured by environment variables;
+* ``keygen``: write a new signing key pair (for issuers and the quick start);
+* ``token``: mint a token with a private key (for issuers, tests and the quick start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+PROG = "jwt-postgresql-proxy"
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "serve"
+    try:
+        if command == "serve":
+            return _serve()
+        if command == "keygen":
+            return _keygen(args)
+        return _token(args)
+    except ConfigError as exc:
+        print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the proxy (the default); configured by env vars")
+
+    keygen = sub.add_parser("keygen", help="write a new signing key pair (PEM)")
+    keygen.add_argument("--type", choices=["ed25519", "rsa", "ec-p256"], default="ed25519")
+    keygen.add_argument("--private-key", type=Path, required=True, help="private key path")
+    keygen.add_argument("--public-key", type=Path, required=True, help="public key path")
+
+    token = sub.add_parser("token", help="mint a token signed with a private key")
+    token.add_argument("--key", type=Path, required=True, help="PEM private key")
+    token.add_argument("--sub", required=True, help="database role (the token's subject)")
+    token.add_argument("--ttl", default="1h", help="lifetime: 90, 90s, 15m, 1h, 2d")
+    token.add_argument("--alg", help="signing algorithm (default: by key type)")
+    token.add_argument("--kid", help="key id header")
+    token.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra claim; VALUE is parsed as JSON when it is valid JSON (repeatable)",
+    )
+    return parser
+
+
+def _serve() -> int:
+    from .config import load_runtime
+
+    runtime = load_runtime()
+    _configure_logging(runtime.settings.log_level)
+    from .server import serve
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        asyncio.run(serve(runtime))
+    else:
+        uvloop.run(serve(runtime))
+    return 0
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    private: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if args.type == "ed25519":
+        private = ed25519.Ed25519PrivateKey.generate()
+    elif args.type == "rsa":
+        private = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    else:
+        private = ec.generate_private_key(ec.SECP256R1())
+    private_pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    fd = os.open(args.private_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(private_pem)
+    args.public_key.write_bytes(public_pem)
+    print(f"wrote {args.private_key} (keep secret) and {args.public_key}", file=sys.stderr)
+    return 0
+
+
+def parse_duration(text: str) -> int:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ConfigError(f"--ttl: {text!r} is not a duration like 90, 15m, 1h or 2d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _token(args: argparse.Namespace) -> int:
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(args.key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"--key: cannot load PEM private key {args.key}: {exc}") from None
+    algorithm = args.alg
+    if algorithm is None:
+        if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+            algorithm = "EdDSA"
+        elif isinstance(key, rsa.RSAPrivateKey):
+            algorithm = "RS256"
+        elif isinstance(key, ec.EllipticCurvePrivateKey):
+            algorithm = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}.get(
+                key.curve.name, "ES256"
+            )
+        else:
+            raise ConfigError(f"--key: unsupported key type {type(key).__name__}")
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": args.sub, "iat": now, "exp": now + parse_duration(args.ttl)}
+    for item in args.claim:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--claim: expected NAME=VALUE, got {item!r}")
+        try:
+            claims[name] = json.loads(value)
+        except ValueError:
+            claims[name] = value
+    headers = {"kid": args.kid} if args.kid else None
+    print(jwt.encode(claims, key, algorithm=algorithm, headers=headers))  # type: ignore[arg-type]
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

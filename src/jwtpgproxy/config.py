@@ -1,0 +1,266 @@
+"""Configuration: environment variables -> validated, immutable runtime objects.
+
+The variable names of the original jwt-postgresql-proxy are kept (``PUBLIC_KEYS__<i>``,
+``UPSTREAM__HOST``, ``UPSTREAM__PORT``, ``UPSTREAM__PASSWORD``, ``DOWNSTREAM__IP``,
+``DOWNSTREAM__PORT``, ``DOWNSTREAM__CERTFILE``, ``DOWNSTREAM__KEYFILE``). Everything is
+checked once at start-up (uvicorn ``Config.load()`` style); a problem becomes a
+:class:`ConfigError` whose text names the variable, and the daemon prints that one line.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+from .frontend import DownstreamSSLMode
+from .login import ChannelBindingPolicy
+from .tokens import TokenPolicy, TokenVerifier, VerificationKey, load_verification_key
+
+
+class UpstreamSSLMode(enum.StrEnum):
+    """libpq's ``sslmode`` meanings (libpq docs 34.19.1, table "SSL Mode Descriptions")."""
+
+    DISABLE = "disable"
+    ALLOW = "allow"
+    PREFER = "prefer"
+    REQUIRE = "require"
+    VERIFY_CA = "verify-ca"
+    VERIFY_FULL = "verify-full"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamSettings(_Section):
+    host: str = Field(min_length=1)
+    port: int = Field(default=5432, ge=1, le=65535)
+    password: SecretStr
+    sslmode: UpstreamSSLMode = UpstreamSSLMode.PREFER
+    sslrootcert: Path | None = None
+    channel_binding: ChannelBindingPolicy = ChannelBindingPolicy.PREFER
+    connect_timeout: float = Field(default=10.0, gt=0, le=600)
+    allow_replication: bool = False
+
+
+class DownstreamSettings(_Section):
+    ip: str = "127.0.0.1"
+    port: int = Field(default=5432, ge=0, le=65535)
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    sslmode: DownstreamSSLMode = DownstreamSSLMode.REQUIRE
+
+    @field_validator("ip")
+    @classmethod
+    def _ips(cls, value: str) -> str:
+        for part in value.split(","):
+            try:
+                ipaddress.ip_address(part.strip())
+            except ValueError:
+                raise ValueError(f"{part.strip()!r} is not an IP address") from None
+        return value
+
+
+class TokenSettings(_Section):
+    leeway_seconds: float = Field(default=10.0, ge=0, le=300)
+    max_length: int = Field(default=16384, ge=256, le=65535)
+
+
+class Settings(BaseSettings):
+    """Every setting, as environment variables with ``__`` between the nesting levels."""
+
+    model_config = SettingsConfigDict(
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+    )
+
+    public_keys: dict[str, str] = Field(default_factory=dict)
+    #: Optional key ids, matched against a token's ``kid`` header: PUBLIC_KEY_IDS__<i>.
+    public_key_ids: dict[str, str] = Field(default_factory=dict)
+    upstream: UpstreamSettings
+    downstream: DownstreamSettings = DownstreamSettings()
+    token: TokenSettings = TokenSettings()
+    #: From accept() to the end of the upstream login (PostgreSQL authentication_timeout).
+    authentication_timeout: float = Field(default=60.0, gt=0, le=600)
+    #: How long SIGTERM waits for sessions to end before closing them.
+    shutdown_timeout: float = Field(default=30.0, ge=0, le=3600)
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+
+# --- Runtime ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    host: str
+    port: int
+    password: SecretStr
+    sslmode: UpstreamSSLMode
+    ssl_context: ssl.SSLContext | None  # None when sslmode is disable
+    channel_binding: ChannelBindingPolicy
+    connect_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What the server needs, built and checked once from :class:`Settings`."""
+
+    settings: Settings
+    verifier: TokenVerifier
+    upstream: UpstreamTarget
+    listen_hosts: tuple[str, ...]
+    listen_port: int
+    downstream_ssl_mode: DownstreamSSLMode
+    downstream_ssl_context: ssl.SSLContext | None
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    return "__".join(str(part) for part in loc).upper()
+
+
+def load_settings() -> Settings:
+    """Read settings from the process environment; errors name the variable."""
+    try:
+        return Settings()  # type: ignore[call-arg]  # fields come from the environment
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = _env_name(tuple(first["loc"]))
+        message = "required but not set" if first["type"] == "missing" else first["msg"]
+        raise ConfigError(f"{name}: {message}") from None
+
+
+def _downstream_ssl_context(settings: DownstreamSettings) -> ssl.SSLContext | None:
+    if settings.sslmode is DownstreamSSLMode.DISABLE:
+        return None
+    if settings.certfile is None:
+        raise ConfigError("DOWNSTREAM__CERTFILE: required unless DOWNSTREAM__SSLMODE=disable")
+    if settings.keyfile is None:
+        raise ConfigError("DOWNSTREAM__KEYFILE: required unless DOWNSTREAM__SSLMODE=disable")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # ALPN "postgresql" is what PostgreSQL 17 servers advertise (55.2.9 "SSL Session
+    # Encryption"); clients that do not ask for ALPN are unaffected.
+    context.set_alpn_protocols(["postgresql"])
+    try:
+        context.load_cert_chain(str(settings.certfile), str(settings.keyfile))
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"DOWNSTREAM__CERTFILE/DOWNSTREAM__KEYFILE: file not found: {exc.filename}"
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"DOWNSTREAM__CERTFILE/DOWNSTREAM__KEYFILE: cannot load certificate and key ({exc})"
+        ) from None
+    return context
+
+
+def upstream_ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | None:
+    """An SSLContext implementing libpq's sslmode semantics for the upstream connection.
+
+    allow/prefer/require encrypt without verifying -- except that "require" with a root
+    certificate behaves like verify-ca, as in libpq (libpq docs 34.19.1). verify-ca and
+    verify-full use UPSTREAM__SSLROOTCERT, or the system CAs when it is not set.
+    """
+    mode = settings.sslmode
+    if mode is UpstreamSSLMode.DISABLE:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = mode is UpstreamSSLMode.VERIFY_FULL
+    verify = mode in (UpstreamSSLMode.VERIFY_CA, UpstreamSSLMode.VERIFY_FULL) or (
+        mode is UpstreamSSLMode.REQUIRE and settings.sslrootcert is not None
+    )
+    if not verify:
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        if settings.sslrootcert is not None:
+            context.load_verify_locations(cafile=str(settings.sslrootcert))
+        else:
+            context.load_default_certs()
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"UPSTREAM__SSLROOTCERT: cannot load CA certificates ({exc})") from None
+    return context
+
+
+def _verification_keys(settings: Settings) -> list[VerificationKey]:
+    def order(index: str) -> tuple[int, str]:
+        return (int(index), index) if index.isdigit() else (1 << 62, index)
+
+    unknown_ids = set(settings.public_key_ids) - set(settings.public_keys)
+    if unknown_ids:
+        index = sorted(unknown_ids, key=order)[0]
+        raise ConfigError(f"PUBLIC_KEY_IDS__{index}: no PUBLIC_KEYS__{index} to name")
+    keys = []
+    for index in sorted(settings.public_keys, key=order):
+        name = f"PUBLIC_KEYS__{index}"
+        kid = settings.public_key_ids.get(index)
+        keys.append(load_verification_key(settings.public_keys[index], name=name, kid=kid))
+    return keys
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """Turn settings into the runtime objects; raise ConfigError naming the variable."""
+    keys = _verification_keys(settings)
+    if not keys:
+        raise ConfigError("PUBLIC_KEYS__0: at least one PUBLIC_KEYS__<i> must be set")
+    verifier = TokenVerifier(
+        keys,
+        TokenPolicy(
+            leeway_seconds=settings.token.leeway_seconds,
+            max_token_length=settings.token.max_length,
+        ),
+    )
+    up = settings.upstream
+    if up.sslrootcert is not None and not up.sslrootcert.is_file():
+        raise ConfigError(f"UPSTREAM__SSLROOTCERT: file not found: {up.sslrootcert}")
+    upstream = UpstreamTarget(
+        host=up.host,
+        port=up.port,
+        password=up.password,
+        sslmode=up.sslmode,
+        ssl_context=upstream_ssl_context(up),
+        channel_binding=up.channel_binding,
+        connect_timeout=up.connect_timeout,
+    )
+    if up.channel_binding is ChannelBindingPolicy.REQUIRE and up.sslmode in (
+        UpstreamSSLMode.DISABLE,
+        UpstreamSSLMode.ALLOW,
+        UpstreamSSLMode.PREFER,
+    ):
+        raise ConfigError(
+            "UPSTREAM__CHANNEL_BINDING: require needs UPSTREAM__SSLMODE=require or stricter"
+        )
+    down = settings.downstream
+    return Runtime(
+        settings=settings,
+        verifier=verifier,
+        upstream=upstream,
+        listen_hosts=tuple(part.strip() for part in down.ip.split(",")),
+        listen_port=down.port,
+        downstream_ssl_mode=down.sslmode,
+        downstream_ssl_context=_downstream_ssl_context(down),
+    )
+
+
+def load_runtime() -> Runtime:
+    return build_runtime(load_settings())

@@ -1,0 +1,189 @@
+"""An asyncio Protocol for the handshake phase of either side of a session.
+
+Until login completes, bytes are needed one step at a time by the sans-IO state machines, so
+this protocol buffers what arrives and lets the session ``await read()``. It supports the TLS
+upgrade in place (``loop.start_tls``) and, once login is done, :meth:`detach` hands the
+transport over to the splice protocol with whatever was buffered but not yet consumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable
+from typing import cast
+
+#: Stop reading from the peer when this much is buffered and unread (handshake only).
+_READ_HIGH_WATER = 65536
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection (or it was lost) while we waited for data."""
+
+
+class HandshakeProtocol(asyncio.Protocol):
+    def __init__(
+        self, on_connection_made: Callable[[HandshakeProtocol], None] | None = None
+    ) -> None:
+        self._on_connection_made = on_connection_made
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._eof = False
+        self._lost = False
+        self._data_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    # -- asyncio.Protocol callbacks --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        configure_socket(self.transport)
+        if self._on_connection_made is not None:
+            self._on_connection_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self.bytes_received += len(data)
+        if len(self._buffer) > _READ_HIGH_WATER and self.transport is not None:
+            self.transport.pause_reading()
+            self._read_paused = True
+        self._wake_reader()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wake_reader()
+        return False  # close the transport (no half-open connections in this protocol)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._eof = True
+        self._wake_reader()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- session interface --
+
+    @property
+    def closed(self) -> bool:
+        return self._lost
+
+    def peer_address(self) -> str:
+        if self.transport is None:
+            return "?"
+        peer = self.transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host, port = peer[0], peer[1]
+            return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return str(peer) if peer else "local"
+
+    async def read(self) -> bytes:
+        """Return what is buffered, waiting for at least one byte. Raise at end of stream."""
+        while not self._buffer:
+            if self._eof:
+                raise ConnectionClosed("connection closed by peer")
+            loop = asyncio.get_running_loop()
+            self._data_waiter = loop.create_future()
+            try:
+                await self._data_waiter
+            finally:
+                self._data_waiter = None
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if self._read_paused and self.transport is not None and not self._lost:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def unread(self, data: bytes) -> None:
+        """Put back bytes a state machine did not consume (they precede new data)."""
+        self._buffer[:0] = data
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self._lost or self.transport.is_closing():
+            raise ConnectionClosed("cannot write: connection closed")
+        self.transport.write(data)
+        self.bytes_sent += len(data)
+
+    async def drain(self) -> None:
+        if self._lost:
+            raise ConnectionClosed("connection lost")
+        if not self._write_paused:
+            return
+        loop = asyncio.get_running_loop()
+        self._drain_waiter = loop.create_future()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+
+    async def start_tls(
+        self,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Upgrade to TLS in place; the buffer must be empty (checked by the callers)."""
+        assert self.transport is not None
+        if self._buffer:
+            raise ConnectionClosed("unencrypted data buffered before TLS handshake")
+        loop = asyncio.get_running_loop()
+        new_transport = await loop.start_tls(
+            self.transport,
+            self,
+            context,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=timeout,
+        )
+        if new_transport is None:
+            raise ConnectionClosed("connection closed during TLS handshake")
+        self.transport = new_transport
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """Give up the transport (for splicing) with the bytes not consumed yet."""
+        assert self.transport is not None
+        leftover = bytes(self._buffer)
+        self._buffer.clear()
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return self.transport, leftover
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _wake_reader(self) -> None:
+        if self._data_waiter is not None and not self._data_waiter.done():
+            self._data_waiter.set_result(None)
+
+
+def configure_socket(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY (small protocol messages must not wait for Nagle) and keepalive."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:
+        pass  # the peer may already be gone; the next read will tell

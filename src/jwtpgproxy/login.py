@@ -1,0 +1,277 @@
+"""Sans-IO login to the upstream PostgreSQL server, as a client (libpq's role).
+
+Feed upstream's bytes in, get bytes to send and, at the end, a :class:`LoginComplete` with
+the messages to relay to the client. One method per authentication request code; anything
+a PostgreSQL server would not send at that point is an :class:`UpstreamProtocolError`.
+
+Login methods: trust, cleartext password, MD5, SCRAM-SHA-256 and SCRAM-SHA-256-PLUS.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from . import wire
+from .errors import (
+    UpstreamAuthenticationFailed,
+    UpstreamErrorResponse,
+    UpstreamProtocolError,
+)
+from .scram import MECHANISM, MECHANISM_PLUS, ScramError, ScramSha256Client
+
+#: Upstream messages during login are small (ParameterStatus, errors); cap them.
+MAX_LOGIN_MESSAGE_LENGTH = 65536
+#: SQLSTATE of a failed password check upstream (invalid_password).
+_UPSTREAM_PASSWORD_FAILED = "28P01"  # noqa: S105
+
+
+class ChannelBindingPolicy(enum.StrEnum):
+    """libpq's ``channel_binding`` (UPSTREAM__CHANNEL_BINDING): SCRAM-SHA-256-PLUS, RFC 5929."""
+
+    DISABLE = "disable"
+    PREFER = "prefer"
+    REQUIRE = "require"
+
+
+class Phase(enum.Enum):
+    AUTHENTICATING = enum.auto()
+    SASL = enum.auto()
+    AFTER_AUTH = enum.auto()  # AuthenticationOk received; collecting ParameterStatus etc.
+    DONE = enum.auto()
+    FAILED = enum.auto()
+
+
+@dataclass(frozen=True, slots=True)
+class NeedData:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginComplete:
+    """Upstream is ready for queries.
+
+    ``relay`` holds, in order, the messages to pass to the client (AuthenticationOk,
+    ParameterStatus, NoticeResponse, ReadyForQuery) -- except BackendKeyData, which is
+    kept apart in ``backend_key`` because the session decides what the client is given.
+    """
+
+    relay: tuple[wire.BackendMessage, ...]
+    parameters: Mapping[str, str]
+    backend_key: tuple[int, bytes] | None
+    auth_method: str
+
+
+Event = NeedData | Send | LoginComplete
+
+
+class UpstreamLogin:
+    def __init__(
+        self,
+        *,
+        user: str,
+        password: str,
+        parameters: Mapping[str, str],
+        channel_binding: ChannelBindingPolicy = ChannelBindingPolicy.PREFER,
+        tls_server_end_point: bytes | None = None,
+    ) -> None:
+        """``parameters``: the startup parameters to send (must include ``user``).
+
+        ``tls_server_end_point``: RFC 5929 channel binding data of the TLS connection
+        (None when the connection is plaintext or the certificate's hash is unknown).
+        """
+        self._user = user
+        self._password = password
+        self._parameters = dict(parameters)
+        self._binding_policy = channel_binding
+        self._binding_data = tls_server_end_point
+        self._buffer = wire.MessageBuffer()
+        self._phase = Phase.AUTHENTICATING
+        self._scram: ScramSha256Client | None = None
+        self._method = "trust"
+        self._relay: list[wire.BackendMessage] = []
+        self._status: dict[str, str] = {}
+        self._backend_key: tuple[int, bytes] | None = None
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def startup_bytes(self) -> bytes:
+        return wire.startup_message(self._parameters)
+
+    def receive_data(self, data: bytes) -> None:
+        self._buffer.feed(data)
+
+    def leftover(self) -> bytes:
+        """Bytes received after ReadyForQuery (asynchronous messages): relay them."""
+        return self._buffer.take_all()
+
+    def next_event(self) -> Event:
+        try:
+            while True:
+                message = self._buffer.read_typed(MAX_LOGIN_MESSAGE_LENGTH)
+                if message is None:
+                    return NeedData()
+                event = self._on_message(message)
+                if event is not None:
+                    return event
+        except wire.WireError as exc:
+            self._phase = Phase.FAILED
+            raise UpstreamProtocolError(f"upstream sent malformed data: {exc}") from exc
+        except ScramError as exc:
+            self._phase = Phase.FAILED
+            raise UpstreamAuthenticationFailed(
+                f"SCRAM exchange with upstream failed: {exc}"
+            ) from None
+        except Exception:
+            self._phase = Phase.FAILED
+            raise
+
+    # -- dispatch --
+
+    def _on_message(self, message: wire.BackendMessage) -> Event | None:
+        if self._phase is Phase.DONE:
+            raise UpstreamProtocolError("upstream message after ReadyForQuery during login")
+        tag = message.tag
+        if tag == b"E":
+            self._on_error(wire.decode_fields(message.body))
+        if tag == b"N":
+            self._relay.append(message)
+            return None
+        if self._phase is Phase.AFTER_AUTH:
+            return self._after_auth(message)
+        if tag == b"v":
+            raise UpstreamProtocolError("upstream negotiated a protocol version we did not ask")
+        if tag != b"R":
+            raise UpstreamProtocolError(f"unexpected message {tag!r} during authentication")
+        code, data = wire.decode_authentication(message.body)
+        if self._phase is Phase.SASL:
+            return self._on_sasl(code, data, message)
+        return self._on_auth_request(code, data, message)
+
+    def _on_error(self, fields: dict[str, str]) -> None:
+        if self._phase in (Phase.AUTHENTICATING, Phase.SASL) and (
+            fields.get("C") == _UPSTREAM_PASSWORD_FAILED
+        ):
+            # Our password for this role was refused: a server-side misconfiguration. The
+            # client must not see it as *its* password failing, nor upstream's wording.
+            raise UpstreamAuthenticationFailed(
+                f"upstream refused the proxy's {self._method} login for role "
+                f"{self._user!r}: {fields.get('M', '')}"
+            )
+        raise UpstreamErrorResponse(fields)
+
+    def _on_auth_request(
+        self, code: int, data: bytes, message: wire.BackendMessage
+    ) -> Event | None:
+        if code == wire.AUTH_OK:
+            return self._authenticated(message)
+        self._require_binding_possible(code)
+        if code == wire.AUTH_CLEARTEXT_PASSWORD:
+            self._method = "password"
+            return Send(wire.password_message(self._password.encode("utf-8")))
+        if code == wire.AUTH_MD5_PASSWORD:
+            if len(data) != 4:
+                raise UpstreamProtocolError("MD5 salt of invalid length")
+            self._method = "md5"
+            return Send(wire.password_message(md5_password(self._password, self._user, data)))
+        if code == wire.AUTH_SASL:
+            return self._start_sasl(wire.decode_sasl_mechanisms(data))
+        raise UpstreamAuthenticationFailed(
+            f"upstream asks for authentication method {code}, which the proxy does not support"
+        )
+
+    def _require_binding_possible(self, code: int) -> None:
+        if self._binding_policy is ChannelBindingPolicy.REQUIRE and code != wire.AUTH_SASL:
+            # libpq: channel_binding=require refuses any method that cannot bind.
+            raise UpstreamAuthenticationFailed(
+                f"channel binding required, but upstream asks for method {code}"
+            )
+
+    def _start_sasl(self, mechanisms: list[str]) -> Event:
+        binding = self._binding_data
+        if self._binding_policy is ChannelBindingPolicy.DISABLE:
+            binding = None
+        if binding is not None and MECHANISM_PLUS in mechanisms:
+            self._scram = ScramSha256Client(self._password, channel_binding=binding)
+            self._method = "scram-sha-256-plus"
+        elif self._binding_policy is ChannelBindingPolicy.REQUIRE:
+            raise UpstreamAuthenticationFailed(
+                "channel binding required, but upstream offers no SCRAM-SHA-256-PLUS over TLS"
+            )
+        elif MECHANISM in mechanisms:
+            # GS2 flag "y" when we could bind but the server did not offer PLUS: the server
+            # then detects a downgrade by a man in the middle (RFC 5802 section 6).
+            self._scram = ScramSha256Client(
+                self._password, server_supports_binding=binding is not None
+            )
+            self._method = "scram-sha-256"
+        else:
+            raise UpstreamAuthenticationFailed(
+                f"upstream offers no supported SASL mechanism ({', '.join(mechanisms)[:100]})"
+            )
+        self._phase = Phase.SASL
+        return Send(
+            wire.sasl_initial_response(self._scram.mechanism, self._scram.client_first_message())
+        )
+
+    def _on_sasl(self, code: int, data: bytes, message: wire.BackendMessage) -> Event | None:
+        assert self._scram is not None
+        if code == wire.AUTH_SASL_CONTINUE:
+            return Send(wire.sasl_response(self._scram.handle_server_first(data)))
+        if code == wire.AUTH_SASL_FINAL:
+            self._scram.handle_server_final(data)
+            return None
+        if code == wire.AUTH_OK:
+            if not self._scram.done:
+                # A server that skips SASLFinal has not proved it knows the password: it
+                # could be an impersonator (libpq refuses this too).
+                raise UpstreamAuthenticationFailed("upstream skipped SCRAM server verification")
+            return self._authenticated(message)
+        raise UpstreamProtocolError(f"unexpected authentication request {code} during SASL")
+
+    def _authenticated(self, message: wire.BackendMessage) -> Event | None:
+        """AuthenticationOk: relay it; ParameterStatus etc. follow until ReadyForQuery."""
+        self._phase = Phase.AFTER_AUTH
+        self._relay.append(message)
+        return None
+
+    def _after_auth(self, message: wire.BackendMessage) -> Event | None:
+        tag = message.tag
+        if tag == b"S":
+            name, value = wire.decode_parameter_status(message.body)
+            self._status[name] = value
+            self._relay.append(message)
+            return None
+        if tag == b"K":
+            if self._backend_key is not None:
+                raise UpstreamProtocolError("BackendKeyData sent twice")
+            self._backend_key = wire.decode_backend_key_data(message.body)
+            return None
+        if tag == b"Z":
+            if len(message.body) != 1:
+                raise UpstreamProtocolError("ReadyForQuery of invalid length")
+            self._relay.append(message)
+            self._phase = Phase.DONE
+            return LoginComplete(
+                relay=tuple(self._relay),
+                parameters=dict(self._status),
+                backend_key=self._backend_key,
+                auth_method=self._method,
+            )
+        raise UpstreamProtocolError(f"unexpected message {tag!r} after authentication")
+
+
+def md5_password(password: str, user: str, salt: bytes) -> bytes:
+    """``"md5" + md5(md5(password + user) + salt)`` in hex (55.3.2 / pg_md5_encrypt)."""
+    inner = hashlib.md5(password.encode("utf-8") + user.encode("utf-8"), usedforsecurity=False)
+    outer = hashlib.md5(inner.hexdigest().encode("ascii") + salt, usedforsecurity=False)
+    return b"md5" + outer.hexdigest().encode("ascii")

@@ -1,0 +1,273 @@
+"""One client's life: handshake, token verification, upstream login, splice.
+
+This is the one place where errors become bytes: any :class:`ProxyError` raised before the
+splice is sent to the client as an ErrorResponse built from the error's client-facing fields,
+and logged with its reason (DESIGN.md principle 3). Nothing reaches upstream before the token
+is verified: the upstream connection is opened only after ``verify()`` returned an Identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import frontend, wire
+from .cancel import CancelEntry, CancelRegistry, forward_cancel
+from .config import Runtime
+from .connection import ConnectionClosed, HandshakeProtocol
+from .errors import (
+    AuthenticationFailed,
+    ClientDisconnected,
+    HandshakeTimeout,
+    ProxyError,
+    ServerShuttingDown,
+    UpstreamAuthenticationFailed,
+)
+from .splice import Splice
+from .tokens import Identity, TokenRejected
+from .upstream import UpstreamConnection, describe, open_upstream
+
+log = logging.getLogger("jwtpgproxy")
+
+
+@dataclass(slots=True)
+class _Startup:
+    startup: wire.StartupMessage
+    token: str
+    leftover: bytes
+
+
+class Session:
+    def __init__(
+        self,
+        runtime: Runtime,
+        cancels: CancelRegistry,
+        client: HandshakeProtocol,
+        *,
+        on_spliced: Callable[[Session], None] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.cancels = cancels
+        self.client = client
+        self.peer = client.peer_address()
+        self.user: str | None = None
+        self.database: str | None = None
+        self._splice: Splice | None = None
+        self._upstream: UpstreamConnection | None = None
+        self._cancel_entry: CancelEntry | None = None
+        self._on_spliced = on_spliced
+
+    @property
+    def spliced(self) -> bool:
+        return self._splice is not None
+
+    async def run(self) -> None:
+        started = time.monotonic()
+        log.info("connection received: client=%s", self.peer)
+        try:
+            await self._run()
+        except ProxyError as exc:
+            self._fail(exc)
+        except asyncio.CancelledError:
+            self._fail(ServerShuttingDown("session cancelled at shutdown"))
+            raise
+        except Exception:
+            # A bug of ours: log it (tracebacks hold no token: we never format locals) and
+            # give the client a generic error, never the details.
+            log.exception("internal error: client=%s user=%s", self.peer, self.user)
+            self._fail(ProxyError("internal error"))
+        finally:
+            self._cleanup()
+            log.info(
+                "connection closed: user=%s database=%s client=%s duration=%.3fs "
+                "bytes_from_client=%d bytes_to_client=%d",
+                self.user,
+                self.database,
+                self.peer,
+                time.monotonic() - started,
+                self.bytes_from_client,
+                self.bytes_to_client,
+            )
+
+    @property
+    def bytes_from_client(self) -> int:
+        spliced = self._splice.bytes_from_client if self._splice else 0
+        return self.client.bytes_received + spliced
+
+    @property
+    def bytes_to_client(self) -> int:
+        spliced = self._splice.bytes_to_client if self._splice else 0
+        return self.client.bytes_sent + spliced
+
+    async def _run(self) -> None:
+        try:
+            async with asyncio.timeout(self.runtime.settings.authentication_timeout):
+                received = await self._client_handshake()
+                if received is None:
+                    return  # a CancelRequest: handled, no reply
+                identity = self._verify(received)
+                upstream = await self._login_upstream(received.startup, identity)
+        except TimeoutError:
+            raise HandshakeTimeout(
+                f"authentication not completed within "
+                f"{self.runtime.settings.authentication_timeout:g}s"
+            ) from None
+        await self._splice_with(upstream, received.leftover)
+
+    async def _client_handshake(self) -> _Startup | None:
+        machine = frontend.FrontendHandshake(
+            self.runtime.downstream_ssl_mode,
+            max_password_length=self.runtime.settings.token.max_length + 1,
+            allow_replication=self.runtime.settings.upstream.allow_replication,
+        )
+        while True:
+            event = machine.next_event()
+            if isinstance(event, frontend.NeedData):
+                try:
+                    machine.receive_data(await self.client.read())
+                except ConnectionClosed:
+                    raise ClientDisconnected(
+                        "client closed the connection during handshake"
+                    ) from None
+            elif isinstance(event, frontend.Reply):
+                self.client.write(event.data)
+            elif isinstance(event, frontend.StartTLS):
+                await self._start_client_tls(event)
+                machine.tls_established()
+            elif isinstance(event, frontend.PasswordRequested):
+                self.user = event.startup.user
+                self.database = event.startup.database
+                self.client.write(event.data)
+            elif isinstance(event, frontend.PasswordReceived):
+                return _Startup(event.startup, event.password, machine.leftover())
+            else:  # CancelReceived
+                await self._handle_cancel(event.request)
+                return None
+
+    async def _start_client_tls(self, event: frontend.StartTLS) -> None:
+        context = self.runtime.downstream_ssl_context
+        assert context is not None  # the machine only asks for TLS when it is configured
+        self.client.write(event.data)
+        try:
+            await self.client.start_tls(
+                context,
+                server_side=True,
+                timeout=self.runtime.settings.authentication_timeout,
+            )
+        except (OSError, ssl.SSLError, ConnectionClosed) as exc:
+            raise ClientDisconnected(f"TLS handshake with client failed: {exc}") from None
+
+    def _verify(self, received: _Startup) -> Identity:
+        startup = received.startup
+        try:
+            identity = self.runtime.verifier.verify(received.token, startup.user)
+        except TokenRejected as exc:
+            raise AuthenticationFailed(f"token rejected: {exc}", user=startup.user) from None
+        log.info(
+            "token accepted: user=%s database=%s client=%s alg=%s key=%s expires_in=%.0fs",
+            startup.user,
+            startup.database,
+            self.peer,
+            identity.algorithm,
+            identity.key_name,
+            identity.expires_at - time.time(),
+        )
+        return identity
+
+    async def _login_upstream(
+        self, startup: wire.StartupMessage, identity: Identity
+    ) -> UpstreamConnection:
+        # Every startup parameter the client sent is forwarded; the role is the verified
+        # one (equal to the startup user, checked in verify()).
+        parameters = dict(startup.parameters)
+        parameters["user"] = identity.role
+        upstream = await open_upstream(self.runtime.upstream, parameters)
+        self._upstream = upstream
+        log.info(
+            "upstream login: user=%s database=%s client=%s upstream=%s method=%s tls=%s",
+            self.user,
+            self.database,
+            self.peer,
+            describe(self.runtime.upstream),
+            upstream.result.auth_method,
+            upstream.tls,
+        )
+        return upstream
+
+    async def _splice_with(self, upstream: UpstreamConnection, client_leftover: bytes) -> None:
+        to_client = bytearray()
+        for message in upstream.result.relay:
+            if message.tag == b"Z" and upstream.result.backend_key is not None:
+                to_client += self._backend_key_data(upstream)
+            to_client += message.encode()
+        to_client += upstream.leftover
+
+        client_transport, client_rest = self.client.detach()
+        upstream_transport, upstream_rest = upstream.protocol.detach()
+        if self.client.closed or upstream.protocol.closed:
+            raise ClientDisconnected("a side closed while login completed")
+        self._splice = Splice(client_transport, upstream_transport)
+        self._splice.start(bytes(to_client) + upstream_rest, client_leftover + client_rest)
+        if self._on_spliced is not None:
+            self._on_spliced(self)
+        await self._splice.wait_closed()
+
+    def _backend_key_data(self, upstream: UpstreamConnection) -> bytes:
+        assert upstream.result.backend_key is not None
+        pid, upstream_secret = upstream.result.backend_key
+        self._cancel_entry = self.cancels.register(pid, upstream_secret, upstream.tls)
+        return wire.backend_key_data(pid, self._cancel_entry.proxy_secret)
+
+    async def _handle_cancel(self, request: wire.CancelRequest) -> None:
+        entry = self.cancels.match(request)
+        if entry is None:
+            log.info("cancel request ignored: no such session: client=%s", self.peer)
+            return
+        log.info("cancel request forwarded: pid=%d client=%s", entry.process_id, self.peer)
+        await forward_cancel(self.runtime.upstream, entry)
+
+    def _fail(self, exc: ProxyError) -> None:
+        if isinstance(exc, AuthenticationFailed | UpstreamAuthenticationFailed):
+            log.warning(
+                "authentication failed: user=%s database=%s client=%s reason=%s",
+                self.user,
+                self.database,
+                self.peer,
+                exc.reason,
+            )
+        elif isinstance(exc, ClientDisconnected):
+            log.info("client gone: client=%s reason=%s", self.peer, exc.reason)
+        else:
+            log.warning(
+                "session failed: user=%s database=%s client=%s sqlstate=%s reason=%s",
+                self.user,
+                self.database,
+                self.peer,
+                exc.sqlstate,
+                exc.reason,
+            )
+        if self._splice is not None:
+            return  # mid-stream: no protocol message can be injected safely
+        if not isinstance(exc, ClientDisconnected) and not self.client.closed:
+            with contextlib.suppress(ConnectionClosed):
+                self.client.write(wire.error_response(exc.client_fields()))
+
+    def _cleanup(self) -> None:
+        if self._cancel_entry is not None:
+            self.cancels.unregister(self._cancel_entry)
+        if self._splice is None:
+            self.client.close()
+            if self._upstream is not None:
+                self._upstream.protocol.abort()
+        else:
+            self._splice.close()
+
+    def shutdown_now(self) -> None:
+        """Close this session at once (shutdown after the drain timeout)."""
+        if self._splice is not None:
+            self._splice.abort()

@@ -1,0 +1,181 @@
+"""Open a logged-in connection to the upstream PostgreSQL server.
+
+TCP (or a Unix socket when the host is a directory, as in libpq), then TLS per
+``UPSTREAM__SSLMODE``, then the sans-IO :class:`~jwtpgproxy.login.UpstreamLogin` driven over
+the connection until ReadyForQuery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+
+from . import login as login_sm
+from . import wire
+from .config import UpstreamSSLMode, UpstreamTarget
+from .connection import ConnectionClosed, HandshakeProtocol
+from .errors import (
+    INVALID_AUTHORIZATION_SPECIFICATION,
+    UpstreamErrorResponse,
+    UpstreamProtocolError,
+    UpstreamUnavailable,
+)
+
+_TLS_REQUIRED = frozenset(
+    {UpstreamSSLMode.REQUIRE, UpstreamSSLMode.VERIFY_CA, UpstreamSSLMode.VERIFY_FULL}
+)
+
+
+@dataclass(slots=True)
+class UpstreamConnection:
+    protocol: HandshakeProtocol
+    result: login_sm.LoginComplete
+    tls: bool
+    #: Asynchronous messages upstream sent after ReadyForQuery (to relay to the client).
+    leftover: bytes
+
+
+def describe(target: UpstreamTarget) -> str:
+    return f"{target.host}:{target.port}"
+
+
+async def open_upstream(
+    target: UpstreamTarget, parameters: Mapping[str, str]
+) -> UpstreamConnection:
+    """Connect and log in as ``parameters["user"]``; raise an UpstreamError on failure."""
+    if target.sslmode is UpstreamSSLMode.ALLOW:
+        # libpq "allow": plaintext first; TLS only if the server refuses plaintext.
+        try:
+            return await _attempt(target, parameters, use_tls=False)
+        except UpstreamErrorResponse as exc:
+            if exc.sqlstate != INVALID_AUTHORIZATION_SPECIFICATION:
+                raise
+        return await _attempt(target, parameters, use_tls=True)
+    return await _attempt(target, parameters, use_tls=target.sslmode is not UpstreamSSLMode.DISABLE)
+
+
+async def _attempt(
+    target: UpstreamTarget, parameters: Mapping[str, str], *, use_tls: bool
+) -> UpstreamConnection:
+    protocol = await connect_raw(target)
+    try:
+        tls = False
+        if use_tls:
+            tls = await negotiate_tls(protocol, target)
+        binding = _tls_server_end_point(protocol) if tls else None
+        machine = login_sm.UpstreamLogin(
+            user=parameters["user"],
+            password=target.password.get_secret_value(),
+            parameters=parameters,
+            channel_binding=target.channel_binding,
+            tls_server_end_point=binding,
+        )
+        protocol.write(machine.startup_bytes())
+        while True:
+            event = machine.next_event()
+            if isinstance(event, login_sm.Send):
+                protocol.write(event.data)
+            elif isinstance(event, login_sm.LoginComplete):
+                return UpstreamConnection(protocol, event, tls, machine.leftover())
+            else:
+                try:
+                    machine.receive_data(await protocol.read())
+                except ConnectionClosed:
+                    raise UpstreamUnavailable(
+                        f"upstream {describe(target)} closed the connection during login"
+                    ) from None
+    except BaseException:
+        protocol.abort()
+        raise
+
+
+async def connect_raw(target: UpstreamTarget) -> HandshakeProtocol:
+    loop = asyncio.get_running_loop()
+    protocol = HandshakeProtocol()
+    try:
+        async with asyncio.timeout(target.connect_timeout):
+            if target.host.startswith("/"):
+                path = os.path.join(target.host, f".s.PGSQL.{target.port}")
+                await loop.create_unix_connection(lambda: protocol, path)
+            else:
+                await loop.create_connection(lambda: protocol, target.host, target.port)
+    except TimeoutError:
+        raise UpstreamUnavailable(
+            f"timeout after {target.connect_timeout:g}s connecting to upstream {describe(target)}"
+        ) from None
+    except OSError as exc:
+        raise UpstreamUnavailable(
+            f"cannot connect to upstream {describe(target)}: {exc.strerror or exc}"
+        ) from None
+    return protocol
+
+
+async def negotiate_tls(protocol: HandshakeProtocol, target: UpstreamTarget) -> bool:
+    """SSLRequest; returns whether the connection is now TLS (55.2.10)."""
+    assert target.ssl_context is not None
+    protocol.write(wire.ssl_request())
+    try:
+        async with asyncio.timeout(target.connect_timeout):
+            answer = await protocol.read()
+    except TimeoutError:
+        raise UpstreamUnavailable(
+            f"upstream {describe(target)} did not answer SSLRequest"
+        ) from None
+    except ConnectionClosed:
+        raise UpstreamUnavailable(f"upstream {describe(target)} closed during SSLRequest") from None
+    if answer[:1] == b"S":
+        if len(answer) > 1:
+            # CVE-2021-23222: bytes after 'S' and before the TLS handshake were not
+            # encrypted; a man in the middle could have injected them. libpq refuses them.
+            raise UpstreamProtocolError("upstream sent unencrypted data after SSL response")
+        try:
+            await protocol.start_tls(
+                target.ssl_context,
+                server_side=False,
+                server_hostname=target.host,
+                timeout=target.connect_timeout,
+            )
+        except (OSError, ConnectionClosed, TimeoutError) as exc:
+            raise UpstreamUnavailable(
+                f"TLS handshake with upstream {describe(target)} failed: {exc}"
+            ) from None
+        return True
+    if answer[:1] == b"N":
+        if len(answer) > 1:
+            raise UpstreamProtocolError("upstream sent data after refusing SSL")
+        if target.sslmode in _TLS_REQUIRED:
+            raise UpstreamUnavailable(
+                f"upstream {describe(target)} does not support TLS, and "
+                f"UPSTREAM__SSLMODE={target.sslmode.value} requires it"
+            )
+        return False
+    # A server too old for SSLRequest answers with an ErrorResponse.
+    raise UpstreamProtocolError("upstream answered SSLRequest with neither S nor N")
+
+
+def _tls_server_end_point(protocol: HandshakeProtocol) -> bytes | None:
+    """RFC 5929 tls-server-end-point: hash of the server certificate with the hash of its
+    signature algorithm (SHA-256 for MD5 and SHA-1). None where that hash is undefined
+    (e.g. Ed25519 certificates), as in PostgreSQL's be_tls_get_certificate_hash()."""
+    assert protocol.transport is not None
+    ssl_object = protocol.transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return None
+    try:
+        algorithm = x509.load_der_x509_certificate(der).signature_hash_algorithm
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    if algorithm is None:
+        return None
+    if algorithm.name in ("md5", "sha1"):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(der)
+    return digest.finalize()
