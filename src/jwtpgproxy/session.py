@@ -61,6 +61,7 @@ class Session:
         self._upstream: UpstreamConnection | None = None
         self._cancel_entry: CancelEntry | None = None
         self._on_spliced = on_spliced
+        self._tls_handshaking = False
 
     @property
     def spliced(self) -> bool:
@@ -153,6 +154,7 @@ class Session:
         context = self.runtime.downstream_ssl_context
         assert context is not None  # the machine only asks for TLS when it is configured
         self.client.write(event.data)
+        self._tls_handshaking = True
         try:
             await self.client.start_tls(
                 context,
@@ -161,6 +163,8 @@ class Session:
             )
         except (OSError, ssl.SSLError, ConnectionClosed) as exc:
             raise ClientDisconnected(f"TLS handshake with client failed: {exc}") from None
+        finally:
+            self._tls_handshaking = False
 
     def _verify(self, received: _Startup) -> Identity:
         startup = received.startup
@@ -251,8 +255,8 @@ class Session:
                 exc.sqlstate,
                 exc.reason,
             )
-        if self._splice is not None:
-            return  # mid-stream: no protocol message can be injected safely
+        if self._splice is not None or self._tls_handshaking:
+            return  # mid-stream or mid-TLS-handshake: no protocol message fits in here
         if not isinstance(exc, ClientDisconnected) and not self.client.closed:
             with contextlib.suppress(ConnectionClosed):
                 self.client.write(wire.error_response(exc.client_fields()))

@@ -1,0 +1,159 @@
+"""Fixtures for end-to-end tests: TLS files, proxies in front of the real PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+from harness import KeyPair, Postgres, ProxyProcess, RecordingUpstream, mint, read_env_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def pg() -> Postgres:
+    """The local test PostgreSQL. test.sh starts it and exports PGPROXY_TEST_*; when pytest
+    runs alone, start-postgres.sh is run here (it is idempotent)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("PGPROXY_TEST_")}
+    if "PGPROXY_TEST_PGPORT" not in env:
+        subprocess.run([str(REPO / "start-postgres.sh"), "start"], check=True, timeout=300)
+        out = subprocess.run(
+            [str(REPO / "start-postgres.sh"), "env"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        env = read_env_file(out)
+    return Postgres(
+        host=env["PGPROXY_TEST_PGHOST"],
+        port=int(env["PGPROXY_TEST_PGPORT"]),
+        socket_dir=env["PGPROXY_TEST_PGSOCKET"],
+        ca=env["PGPROXY_TEST_CA"],
+        password=env["PGPROXY_TEST_PASSWORD"],
+        bindir=env.get("PGPROXY_TEST_PGBIN", ""),
+    )
+
+
+@pytest.fixture(scope="session")
+def keys() -> dict[str, KeyPair]:
+    return {
+        "ed25519": KeyPair("ed25519", ed25519.Ed25519PrivateKey.generate(), "EdDSA"),
+        "rsa": KeyPair("rsa", rsa.generate_private_key(65537, 2048), "RS256"),
+        "ec": KeyPair("ec", ec.generate_private_key(ec.SECP256R1()), "ES256"),
+        "other": KeyPair("other", ed25519.Ed25519PrivateKey.generate(), "EdDSA"),
+    }
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed ECDSA P-256 certificate for the proxy's client-facing TLS."""
+    directory = tmp_path_factory.mktemp("downstream-tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+@pytest.fixture(scope="session")
+def base_env(pg: Postgres, keys: dict[str, KeyPair], tls_files: tuple[str, str]) -> dict[str, str]:
+    """Proxy configuration: three keys (EdDSA, RSA, EC) with a gap in the numbering,
+    upstream over verified TLS, client TLS required."""
+    certfile, keyfile = tls_files
+    return {
+        "PUBLIC_KEYS__0": keys["ed25519"].public_pem,
+        "PUBLIC_KEYS__1": keys["rsa"].public_pem,
+        "PUBLIC_KEYS__7": keys["ec"].public_pem,
+        "UPSTREAM__HOST": "localhost",
+        "UPSTREAM__PORT": str(pg.port),
+        "UPSTREAM__PASSWORD": pg.password,
+        "UPSTREAM__SSLMODE": "verify-full",
+        "UPSTREAM__SSLROOTCERT": pg.ca,
+        "DOWNSTREAM__CERTFILE": certfile,
+        "DOWNSTREAM__KEYFILE": keyfile,
+    }
+
+
+ProxyFactory = Callable[..., ProxyProcess]
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path, base_env: dict[str, str]) -> Iterator[ProxyFactory]:
+    """Start a proxy with ``base_env`` updated by keyword overrides (None removes a
+    variable); every proxy started is stopped by PID at the end of the test."""
+    started: list[ProxyProcess] = []
+
+    def factory(**overrides: str | None) -> ProxyProcess:
+        env = dict(base_env)
+        for name, value in overrides.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        proxy = ProxyProcess(env, tmp_path / f"proxy-{len(started)}.log")
+        started.append(proxy)
+        return proxy.start()
+
+    yield factory
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    tmp_path_factory: pytest.TempPathFactory, base_env: dict[str, str]
+) -> Iterator[ProxyProcess]:
+    """One proxy in front of the real PostgreSQL, shared by a module's tests."""
+    process = ProxyProcess(base_env, tmp_path_factory.mktemp("proxy") / "proxy.log")
+    with process:
+        yield process
+
+
+@pytest.fixture
+def recording_upstream() -> Iterator[RecordingUpstream]:
+    upstream = RecordingUpstream()
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture
+def token_for(keys: dict[str, KeyPair]) -> Callable[..., str]:
+    def make(sub: str, key: str = "ed25519", ttl: float = 300, **claims: object) -> str:
+        pair = keys[key]
+        return mint(pair.private, pair.algorithm, sub, ttl, **claims)
+
+    return make

@@ -1,0 +1,349 @@
+"""Test harness: run the real proxy daemon, fake upstreams, and a raw protocol client."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from jwtpgproxy import wire
+
+
+@dataclass(frozen=True)
+class Postgres:
+    host: str
+    port: int
+    socket_dir: str
+    ca: str
+    password: str
+    bindir: str
+
+    def dsn(self, user: str = "scram_user", dbname: str = "postgres", **extra: str) -> str:
+        parts = {
+            "host": self.host,
+            "port": str(self.port),
+            "user": user,
+            "password": self.password,
+            "dbname": dbname,
+            "sslmode": "disable",
+            **extra,
+        }
+        return " ".join(f"{k}={v}" for k, v in parts.items())
+
+    def superuser_dsn(self, dbname: str = "postgres") -> str:
+        return f"host={self.socket_dir} port={self.port} user=postgres dbname={dbname}"
+
+
+def read_env_file(text: str) -> dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("export ") and "=" in line:
+            name, _, value = line[len("export ") :].partition("=")
+            values[name] = value.strip("'\"")
+    return values
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    name: str
+    private: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    algorithm: str
+
+    @property
+    def public_pem(self) -> str:
+        return (
+            self.private.public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode("ascii")
+        )
+
+    @property
+    def private_pem(self) -> bytes:
+        return self.private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+_CONFIG_PREFIXES = ("PUBLIC_KEY", "UPSTREAM__", "DOWNSTREAM__", "TOKEN__")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def mint(private_key: object, algorithm: str, sub: str, ttl: float = 300, **claims: object) -> str:
+    now = int(time.time())
+    payload: dict[str, object] = {"sub": sub, "iat": now, "exp": now + ttl, **claims}
+    return jwt.encode(payload, private_key, algorithm=algorithm)  # type: ignore[arg-type]
+
+
+class ProxyProcess:
+    """The daemon as users run it: ``python -m jwtpgproxy`` configured by env vars.
+
+    Started on a free loopback port; stopped by its PID (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.port = int(env.get("DOWNSTREAM__PORT") or free_port())
+        base = {k: v for k, v in os.environ.items() if not k.startswith(_CONFIG_PREFIXES)}
+        self.env = {
+            **base,
+            "DOWNSTREAM__IP": "127.0.0.1",
+            "DOWNSTREAM__PORT": str(self.port),
+            "SHUTDOWN_TIMEOUT": "2",
+            "LOG_LEVEL": "DEBUG",
+            **env,
+        }
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15) -> ProxyProcess:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jwtpgproxy"], env=self.env, stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"proxy exited with {self.process.returncode}: {self.log()}")
+            if "listening:" in self.log():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"proxy did not start within {timeout}s: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+    def __enter__(self) -> ProxyProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RecordingUpstream:
+    """A TCP listener standing in for upstream: records every connection it accepts and
+    closes it. Proves that a refused client caused no upstream connection at all."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self._sock.settimeout(0.2)
+        self.port = int(self._sock.getsockname()[1])
+        self.accepted = 0
+        self.received = bytearray()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.accepted += 1
+            conn.settimeout(0.5)
+            with contextlib.suppress(OSError):
+                self.received += conn.recv(65536)
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close()
+
+
+class TcpForwarder:
+    """A switchable TCP relay on a fixed port (simulates upstream going down and up)."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.port = port
+        self.target = target
+        self._sock: socket.socket | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", self.port))
+        self._sock.listen(64)
+        self._sock.settimeout(0.2)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+        if self._sock is not None:
+            self._sock.close()
+
+
+@dataclass
+class RawResult:
+    """What a raw client saw: each backend message (tag, body) until the connection ended."""
+
+    messages: list[tuple[bytes, bytes]] = field(default_factory=list)
+    closed: bool = False
+
+    @property
+    def tags(self) -> list[bytes]:
+        return [tag for tag, _ in self.messages]
+
+    def error(self) -> dict[str, str] | None:
+        for tag, body in self.messages:
+            if tag == b"E":
+                return wire.decode_fields(body)
+        return None
+
+
+class RawClient:
+    """A minimal frontend speaking the protocol by hand, for byte-exact checks."""
+
+    def __init__(self, port: int, *, timeout: float = 10) -> None:
+        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout
+        )
+        self._buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_exact(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self._buffer += chunk
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
+    def start_tls(self) -> None:
+        self.send(wire.ssl_request())
+        answer = self.recv_exact(1)
+        if answer != b"S":
+            raise AssertionError(f"expected S, got {answer!r}")
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        assert isinstance(self.sock, socket.socket)
+        self.sock = context.wrap_socket(self.sock)
+
+    def read_message(self) -> tuple[bytes, bytes]:
+        tag, length = struct.unpack("!ci", self.recv_exact(5))
+        return tag, self.recv_exact(length - 4)
+
+    def read_until_end(self, stop_tags: tuple[bytes, ...] = (b"E", b"Z", b"R")) -> RawResult:
+        """Collect messages until one of ``stop_tags`` (after reading it) or close."""
+        result = RawResult()
+        while True:
+            try:
+                tag, body = self.read_message()
+            except (ConnectionError, OSError, struct.error):
+                result.closed = True
+                return result
+            result.messages.append((tag, body))
+            if tag in stop_tags:
+                return result
+
+    def login(self, user: str, password: str, *, tls: bool = True, **params: str) -> RawResult:
+        """SSLRequest (optional), startup, password; returns everything up to the end of
+        login (ReadyForQuery or ErrorResponse)."""
+        if tls:
+            self.start_tls()
+        self.send(wire.startup_message({"user": user, "database": "postgres", **params}))
+        first = self.read_until_end()
+        if first.tags[-1:] != [b"R"]:
+            return first
+        self.send(wire.password_message(password.encode()))
+        rest = self.read_until_end(stop_tags=(b"E", b"Z"))
+        rest.messages[:0] = first.messages
+        return rest
+
+    def is_closed(self, wait: float = 5) -> bool:
+        """Whether the server closes the connection within ``wait`` seconds (anything it
+        sends before closing, e.g. an ErrorResponse, is read and discarded)."""
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                if self.sock.recv(65536) == b"":
+                    return True
+            except (ConnectionError, ssl.SSLError):
+                return True
+            except TimeoutError:
+                return False
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
