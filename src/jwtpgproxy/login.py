@@ -172,9 +172,9 @@ class UpstreamLogin:
     def _on_auth_request(
         self, code: int, data: bytes, message: wire.BackendMessage
     ) -> Event | None:
+        self._require_binding_possible(code)
         if code == wire.AUTH_OK:
             return self._authenticated(message)
-        self._require_binding_possible(code)
         if code == wire.AUTH_CLEARTEXT_PASSWORD:
             self._method = "password"
             return Send(wire.password_message(self._password.encode("utf-8")))
@@ -191,9 +191,11 @@ class UpstreamLogin:
 
     def _require_binding_possible(self, code: int) -> None:
         if self._binding_policy is ChannelBindingPolicy.REQUIRE and code != wire.AUTH_SASL:
-            # libpq: channel_binding=require refuses any method that cannot bind.
+            # libpq: channel_binding=require refuses any method that cannot bind -- including
+            # "trust" (AuthenticationOk straight away), which is how a man in the middle
+            # would skip SCRAM altogether.
             raise UpstreamAuthenticationFailed(
-                f"channel binding required, but upstream asks for method {code}"
+                f"channel binding required, but upstream authenticated with method {code}"
             )
 
     def _start_sasl(self, mechanisms: list[str]) -> Event:

@@ -20,7 +20,6 @@ import binascii
 import enum
 import hmac
 import json
-import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -181,8 +180,16 @@ def _decode_segment(segment: str, what: str) -> dict[str, Any]:
     return value
 
 
+#: NumericDate bound: a float holds every integer up to 2**53 exactly; anything larger is no
+#: date (and Python's int-to-float conversion of e.g. 10**400 would raise OverflowError).
+_MAX_NUMERIC_DATE = 2**53
+
+
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    # Also false for NaN and infinities; compares ints exactly, without float conversion.
+    return abs(value) <= _MAX_NUMERIC_DATE
 
 
 def _check_claim_types(claims: Mapping[str, Any]) -> None:

@@ -214,6 +214,10 @@ def decode_initial_packet(body: bytes) -> InitialPacket:
 def decode_startup_message(version: int, payload: bytes) -> StartupMessage:
     """Decode StartupMessage parameters: pairs of cstrings, then a final NUL."""
     major, minor = version >> 16, version & 0xFFFF
+    if major != 3:
+        # Other majors have other layouts (2.0: fixed-size fields); the caller refuses them
+        # with 0A000 as PostgreSQL does, so do not misparse them as a protocol violation.
+        return StartupMessage(major, minor, {})
     parts = _split_cstrings(payload, "startup packet")
     # After the pairs comes one more NUL, so the split leaves an empty string last.
     if not parts or parts[-1] != b"" or len(parts) % 2 != 1:
