@@ -16,7 +16,7 @@ import asyncpg
 import psycopg
 import psycopg2
 import pytest
-from harness import Postgres, ProxyProcess
+from harness import Postgres, ProxyProcess, RawClient
 
 from jwtpgproxy import wire
 
@@ -280,3 +280,39 @@ def test_copy_from_stdin(proxy: ProxyProcess, token_for: Callable[..., str]) -> 
                 copy.write(payload[start : start + 65536])
         row = conn.execute("select count(*), sum(id) from t").fetchone()
         assert row == (200_000, sum(range(200_000)))
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_backpressure_slow_reader_does_not_grow_proxy_memory(
+    proxy: ProxyProcess, token_for: Callable[..., str]
+) -> None:
+    """A client that stops reading during a 300 MB result: the proxy must stop reading
+    upstream (pause_reading) instead of buffering the result in memory."""
+    assert proxy.process is not None
+    client = RawClient(proxy.port)
+    assert client.login("scram_user", token_for("scram_user")).tags[-1] == b"Z"
+    query = "COPY (SELECT repeat('x', 1000) FROM generate_series(1, 300000)) TO STDOUT"
+    client.send(wire.typed_message(b"Q", query.encode() + b"\0"))
+    before = _rss_kib(proxy.process.pid)
+    time.sleep(3)  # upstream could produce the whole 300 MB in this time
+    grown = _rss_kib(proxy.process.pid) - before
+    assert grown < 32 * 1024, f"proxy RSS grew by {grown} KiB while the client was not reading"
+    # Now read it all: nothing was lost while paused.
+    total = 0
+    while True:
+        tag, body = client.read_message()
+        if tag == b"d":
+            total += len(body)
+        elif tag == b"Z":
+            break
+        else:
+            assert tag in (b"H", b"c", b"C"), tag
+    assert total == 300000 * 1001
+    client.close()
