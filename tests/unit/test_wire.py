@@ -578,6 +578,17 @@ def test_decode_backend_key_data_bad_length(length: int) -> None:
 # --- Properties ---------------------------------------------------------------------------
 
 
+#: Every decoder of a typed message body; each must raise only WireError on any input.
+MESSAGE_BODY_DECODERS = (
+    wire.decode_password_message,
+    wire.decode_fields,
+    wire.decode_authentication,
+    wire.decode_sasl_mechanisms,
+    wire.decode_parameter_status,
+    wire.decode_backend_key_data,
+)
+
+
 @settings(max_examples=300)
 @given(data=st.binary(max_size=300), cap=st.integers(min_value=0, max_value=400))
 def test_fuzz_read_untyped_and_decode(data: bytes, cap: int) -> None:
@@ -605,14 +616,7 @@ def test_fuzz_read_typed_and_decoders(data: bytes) -> None:
         return
     assert len(message.body) <= 200
     assert message.encode() == data[: len(message.body) + 5]
-    for decoder in (
-        wire.decode_password_message,
-        wire.decode_fields,
-        wire.decode_authentication,
-        wire.decode_sasl_mechanisms,
-        wire.decode_parameter_status,
-        wire.decode_backend_key_data,
-    ):
+    for decoder in MESSAGE_BODY_DECODERS:
         with contextlib.suppress(wire.WireError):
             decoder(message.body)
 
@@ -620,15 +624,7 @@ def test_fuzz_read_typed_and_decoders(data: bytes) -> None:
 @settings(max_examples=300)
 @given(body=st.binary(max_size=300))
 def test_fuzz_decoders_directly(body: bytes) -> None:
-    for decoder in (
-        wire.decode_initial_packet,
-        wire.decode_password_message,
-        wire.decode_fields,
-        wire.decode_authentication,
-        wire.decode_sasl_mechanisms,
-        wire.decode_parameter_status,
-        wire.decode_backend_key_data,
-    ):
+    for decoder in (wire.decode_initial_packet, *MESSAGE_BODY_DECODERS):
         with contextlib.suppress(wire.WireError):
             decoder(body)
 
