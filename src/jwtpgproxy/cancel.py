@@ -21,8 +21,16 @@ from .upstream import connect_raw, negotiate_tls
 
 log = logging.getLogger("jwtpgproxy")
 
-#: Protocol 3.0 cancel keys are exactly four bytes.
-SECRET_LENGTH = 4
+#: Protocol 3.0 cancel keys are exactly four bytes; 3.2 allows up to 256 and PostgreSQL 18
+#: uses 32, as do we for 3.2 clients.
+SECRET_LENGTH_V30 = 4
+SECRET_LENGTH_V32 = 32
+
+
+def secret_length(protocol_minor: int) -> int:
+    return SECRET_LENGTH_V30 if protocol_minor < 2 else SECRET_LENGTH_V32
+
+
 _FORWARD_TIMEOUT = 10.0
 
 
@@ -43,8 +51,14 @@ class CancelRegistry:
     def __len__(self) -> int:
         return len(self._by_pid)
 
-    def register(self, process_id: int, upstream_secret: bytes, upstream_tls: bool) -> CancelEntry:
-        proxy_secret = secrets.token_bytes(SECRET_LENGTH)
+    def register(
+        self,
+        process_id: int,
+        upstream_secret: bytes,
+        upstream_tls: bool,
+        length: int = SECRET_LENGTH_V30,
+    ) -> CancelEntry:
+        proxy_secret = secrets.token_bytes(length)
         entry = CancelEntry(process_id, proxy_secret, upstream_secret, upstream_tls)
         # Upstream process ids are unique among live backends; a stale entry for the same id
         # (its session not yet cleaned up) is replaced by the live one.
@@ -57,9 +71,10 @@ class CancelRegistry:
 
     def match(self, request: wire.CancelRequest) -> CancelEntry | None:
         entry = self._by_pid.get(request.process_id)
-        # Compare against a dummy when the pid is unknown, so timing does not tell
-        # whether a process id is live.
-        expected = entry.proxy_secret if entry is not None else b"\0" * SECRET_LENGTH
+        # Compare against a dummy when the pid is unknown, so timing does not tell whether a
+        # process id is live. A key of another length than ours never matches (3.0 keys
+        # are exactly 4 bytes); the length itself is no secret.
+        expected = entry.proxy_secret if entry is not None else bytes(len(request.secret_key))
         if hmac.compare_digest(expected, request.secret_key) and entry is not None:
             return entry
         return None

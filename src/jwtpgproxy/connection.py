@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Callable
 from typing import cast
 
 #: Stop reading from the peer when this much is buffered and unread (handshake only).
@@ -23,10 +22,7 @@ class ConnectionClosed(Exception):
 
 
 class HandshakeProtocol(asyncio.Protocol):
-    def __init__(
-        self, on_connection_made: Callable[[HandshakeProtocol], None] | None = None
-    ) -> None:
-        self._on_connection_made = on_connection_made
+    def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._eof = False
@@ -43,8 +39,6 @@ class HandshakeProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         configure_socket(self.transport)
-        if self._on_connection_made is not None:
-            self._on_connection_made(self)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -79,15 +73,6 @@ class HandshakeProtocol(asyncio.Protocol):
     @property
     def closed(self) -> bool:
         return self._lost
-
-    def peer_address(self) -> str:
-        if self.transport is None:
-            return "?"
-        peer = self.transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and len(peer) >= 2:
-            host, port = peer[0], peer[1]
-            return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-        return str(peer) if peer else "local"
 
     async def read(self) -> bytes:
         """Return what is buffered, waiting for at least one byte. Raise at end of stream."""
@@ -175,6 +160,18 @@ class HandshakeProtocol(asyncio.Protocol):
     def _wake_reader(self) -> None:
         if self._data_waiter is not None and not self._data_waiter.done():
             self._data_waiter.set_result(None)
+
+
+def format_peer(sock: socket.socket) -> str:
+    """``host:port`` (``[v6]:port``) of the peer, for logs."""
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer) or "local"
 
 
 def configure_socket(transport: asyncio.BaseTransport) -> None:

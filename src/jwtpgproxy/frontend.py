@@ -29,8 +29,9 @@ from .errors import (
     ProtocolViolation,
 )
 
-#: Newest protocol minor version the proxy speaks to clients (3.0).
-NEWEST_MINOR = 0
+#: Newest protocol minor version the proxy speaks to clients: 3.2 (PostgreSQL 18), whose only
+#: change is a variable-length cancel key -- and the client's key is made by the proxy.
+NEWEST_MINOR = 2
 
 
 class DownstreamSSLMode(enum.StrEnum):
@@ -121,12 +122,17 @@ class FrontendHandshake:
         *,
         max_password_length: int = 16384,
         allow_replication: bool = False,
+        direct_tls: bool = False,
     ) -> None:
+        """``direct_tls``: the connection began with a TLS handshake (PostgreSQL 17
+        ``sslnegotiation=direct``), so it is encrypted before the first packet."""
         self.ssl_mode = ssl_mode
         self.max_password_length = max_password_length
         self.allow_replication = allow_replication
         self.state = State.AWAIT_INITIAL
-        self.tls = False
+        self.tls = direct_tls
+        #: The protocol minor version agreed with the client (3.x), known after startup.
+        self.protocol_minor = 0
         self._gss_answered = False
         self._buffer = wire.MessageBuffer()
         self._startup: wire.StartupMessage | None = None
@@ -211,7 +217,7 @@ class FrontendHandshake:
                 f"unsupported frontend protocol {startup.major}.{startup.minor}",
                 client_message=(
                     f"unsupported frontend protocol {startup.major}.{startup.minor}: "
-                    "server supports 3.0 to 3.0"
+                    f"server supports 3.0 to 3.{NEWEST_MINOR}"
                 ),
             )
         if self.ssl_mode is DownstreamSSLMode.REQUIRE and not self.tls:
@@ -232,10 +238,11 @@ class FrontendHandshake:
                 client_message="replication connections are not allowed through this proxy",
             )
         reply = b""
+        self.protocol_minor = min(startup.minor, NEWEST_MINOR)
         if startup.minor > NEWEST_MINOR or startup.protocol_options:
             # 55.2.1: the server answers NegotiateProtocolVersion and carries on at the
-            # newest version it supports; the client decides whether to continue.
-            reply = wire.negotiate_protocol_version(NEWEST_MINOR, startup.protocol_options)
+            # newest version both support; the client decides whether to continue.
+            reply = wire.negotiate_protocol_version(self.protocol_minor, startup.protocol_options)
         self._startup = startup
         self._move(State.AWAIT_PASSWORD)
         return PasswordRequested(startup, reply + wire.authentication_cleartext_password())

@@ -81,17 +81,24 @@ class UpstreamLogin:
         parameters: Mapping[str, str],
         channel_binding: ChannelBindingPolicy = ChannelBindingPolicy.PREFER,
         tls_server_end_point: bytes | None = None,
+        protocol_minor: int = 0,
     ) -> None:
         """``parameters``: the startup parameters to send (must include ``user``).
 
         ``tls_server_end_point``: RFC 5929 channel binding data of the TLS connection
         (None when the connection is plaintext or the certificate's hash is unknown).
+
+        ``protocol_minor``: the 3.x version to ask for; upstream may negotiate it down.
         """
         self._user = user
         self._password = password
         self._parameters = dict(parameters)
         self._binding_policy = channel_binding
         self._binding_data = tls_server_end_point
+        self._requested_minor = protocol_minor
+        #: The protocol minor version in force with upstream (after any negotiation).
+        self.protocol_minor = protocol_minor
+        self._first_message = True
         self._buffer = wire.MessageBuffer()
         self._phase = Phase.AUTHENTICATING
         self._scram: ScramSha256Client | None = None
@@ -105,7 +112,8 @@ class UpstreamLogin:
         return self._phase
 
     def startup_bytes(self) -> bytes:
-        return wire.startup_message(self._parameters)
+        version = (3 << 16) | self._requested_minor
+        return wire.startup_message(self._parameters, version)
 
     def receive_data(self, data: bytes) -> None:
         self._buffer.feed(data)
@@ -140,6 +148,7 @@ class UpstreamLogin:
     def _on_message(self, message: wire.BackendMessage) -> Event | None:
         if self._phase is Phase.DONE:
             raise UpstreamProtocolError("upstream message after ReadyForQuery during login")
+        first, self._first_message = self._first_message, False
         tag = message.tag
         if tag == b"E":
             self._on_error(wire.decode_fields(message.body))
@@ -149,13 +158,25 @@ class UpstreamLogin:
         if self._phase is Phase.AFTER_AUTH:
             return self._after_auth(message)
         if tag == b"v":
-            raise UpstreamProtocolError("upstream negotiated a protocol version we did not ask")
+            if not first:
+                raise UpstreamProtocolError("NegotiateProtocolVersion out of order")
+            return self._on_negotiate_protocol_version(message.body)
         if tag != b"R":
             raise UpstreamProtocolError(f"unexpected message {tag!r} during authentication")
         code, data = wire.decode_authentication(message.body)
         if self._phase is Phase.SASL:
             return self._on_sasl(code, data, message)
         return self._on_auth_request(code, data, message)
+
+    def _on_negotiate_protocol_version(self, body: bytes) -> Event | None:
+        """NegotiateProtocolVersion: upstream speaks an older 3.x than we asked (55.7).
+        PostgreSQL sends it first, before any authentication request, and only downwards."""
+        major, minor, unrecognized = wire.decode_negotiate_protocol_version(body)
+        if major != 3 or minor > self._requested_minor or unrecognized:
+            # Only downwards within 3.x; and we send no _pq_ options, so none to refuse.
+            raise UpstreamProtocolError(f"upstream negotiated protocol {major}.{minor} unasked")
+        self.protocol_minor = minor
+        return None
 
     def _on_error(self, fields: dict[str, str]) -> None:
         if self._phase in (Phase.AUTHENTICATING, Phase.SASL) and (

@@ -11,20 +11,28 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 
 from .cancel import CancelRegistry
 from .config import Runtime
-from .connection import HandshakeProtocol
+from .errors import ConfigError
 from .session import Session
 
 log = logging.getLogger("jwtpgproxy")
+
+
+#: Connections accepted per readiness callback before yielding to the event loop.
+_ACCEPT_BATCH = 64
+#: Pause after accept() fails for lack of resources (EMFILE, ENFILE, ENOBUFS), so the loop
+#: does not spin on a listener that stays readable.
+_ACCEPT_BACKOFF_SECONDS = 0.1
 
 
 class ProxyServer:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.cancels = CancelRegistry()
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[socket.socket] = []
         self._tasks: dict[asyncio.Task[None], Session] = {}
         self._stopping: asyncio.Event | None = None
         self._interrupts = 0
@@ -34,31 +42,49 @@ class ProxyServer:
         return len(self._tasks)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Listen on every configured address.
+
+        The proxy accepts sockets itself rather than through ``loop.create_server``: a
+        session must peek at the first byte before any transport reads it, to tell a
+        direct TLS ClientHello from a PostgreSQL packet (see Session._accept).
+        """
         self._stopping = asyncio.Event()
         for host in self.runtime.listen_hosts:
-            server = await loop.create_server(
-                lambda: HandshakeProtocol(on_connection_made=self._accept),
-                host=host,
-                port=self.runtime.listen_port,
-                reuse_address=True,
-                backlog=1024,
+            listener = _listening_socket(host, self.runtime.listen_port)
+            self._listeners.append(listener)
+            self._watch(listener)
+            address = listener.getsockname()
+            log.info(
+                "listening: address=%s port=%d tls=%s",
+                address[0],
+                address[1],
+                self.runtime.downstream_ssl_mode.value,
             )
-            self._servers.append(server)
-            for sock in server.sockets:
-                address = sock.getsockname()
-                log.info(
-                    "listening: address=%s port=%d tls=%s",
-                    address[0],
-                    address[1],
-                    self.runtime.downstream_ssl_mode.value,
-                )
 
-    def _accept(self, protocol: HandshakeProtocol) -> None:
-        session = Session(self.runtime, self.cancels, protocol)
-        task = asyncio.get_running_loop().create_task(session.run())
-        self._tasks[task] = session
-        task.add_done_callback(self._tasks.pop)
+    def _watch(self, listener: socket.socket) -> None:
+        asyncio.get_running_loop().add_reader(listener.fileno(), self._on_acceptable, listener)
+
+    def _on_acceptable(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s; pausing %.1fs", exc, _ACCEPT_BACKOFF_SECONDS)
+                loop.remove_reader(listener.fileno())
+                loop.call_later(_ACCEPT_BACKOFF_SECONDS, self._resume_accepting, listener)
+                return
+            sock.setblocking(False)
+            session = Session(self.runtime, self.cancels, sock)
+            task = loop.create_task(session.run())
+            self._tasks[task] = session
+            task.add_done_callback(self._tasks.pop)
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if listener.fileno() >= 0 and not (self._stopping and self._stopping.is_set()):
+            self._watch(listener)
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -82,9 +108,15 @@ class ProxyServer:
         await self._stopping.wait()
         await self.shutdown()
 
+    def _close_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            if listener.fileno() >= 0:
+                loop.remove_reader(listener.fileno())
+                listener.close()
+
     async def shutdown(self) -> None:
-        for server in self._servers:
-            server.close()  # stop accepting; live connections are ours to end
+        self._close_listeners()  # stop accepting; live connections are ours to end
         timeout = self.runtime.settings.shutdown_timeout
         if self._tasks:
             log.info("draining: sessions=%d timeout=%gs", len(self._tasks), timeout)
@@ -96,9 +128,26 @@ class ProxyServer:
                 session.shutdown_now()
                 task.cancel()
             await asyncio.wait([task for task, _ in remaining], timeout=5)
-        for server in self._servers:
-            await server.wait_closed()
         log.info("shutdown complete")
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"DOWNSTREAM__IP/DOWNSTREAM__PORT: cannot listen on {host}:{port}: "
+            f"{exc.strerror or exc}"
+        ) from None
+    return sock
 
 
 async def serve(runtime: Runtime) -> None:

@@ -11,19 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import frontend, wire
-from .cancel import CancelEntry, CancelRegistry, forward_cancel
+from .cancel import CancelEntry, CancelRegistry, forward_cancel, secret_length
 from .config import Runtime
-from .connection import ConnectionClosed, HandshakeProtocol
+from .connection import ConnectionClosed, HandshakeProtocol, format_peer
 from .errors import (
     AuthenticationFailed,
     ClientDisconnected,
     HandshakeTimeout,
+    ProtocolViolation,
     ProxyError,
     ServerShuttingDown,
     UpstreamAuthenticationFailed,
@@ -33,6 +35,32 @@ from .tokens import Identity, TokenRejected
 from .upstream import UpstreamConnection, describe, open_upstream
 
 log = logging.getLogger("jwtpgproxy")
+
+#: First byte of a TLS record carrying a handshake message (RFC 8446 5.1, ContentType 22).
+TLS_HANDSHAKE_RECORD = 0x16
+
+
+async def _peek_first_byte(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """Wait until the client sends something; return its first byte without consuming it
+    (b"" if the client closed first)."""
+    while True:
+        try:
+            return sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            return b""
+        readable: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), _resolve, readable)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(sock.fileno())
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @dataclass(slots=True)
@@ -47,14 +75,16 @@ class Session:
         self,
         runtime: Runtime,
         cancels: CancelRegistry,
-        client: HandshakeProtocol,
+        sock: socket.socket,
         *,
         on_spliced: Callable[[Session], None] | None = None,
     ) -> None:
+        """``sock``: a just-accepted, non-blocking client socket, owned from now on."""
         self.runtime = runtime
         self.cancels = cancels
-        self.client = client
-        self.peer = client.peer_address()
+        self._sock = sock
+        self.client = HandshakeProtocol()  # connected to ``sock`` by _accept()
+        self.peer = format_peer(sock)
         self.user: str | None = None
         self.database: str | None = None
         self._splice: Splice | None = None
@@ -62,6 +92,7 @@ class Session:
         self._cancel_entry: CancelEntry | None = None
         self._on_spliced = on_spliced
         self._tls_handshaking = False
+        self.protocol_minor = 0
 
     @property
     def spliced(self) -> bool:
@@ -108,7 +139,8 @@ class Session:
     async def _run(self) -> None:
         try:
             async with asyncio.timeout(self.runtime.settings.authentication_timeout):
-                received = await self._client_handshake()
+                direct_tls = await self._accept()
+                received = await self._client_handshake(direct_tls)
                 if received is None:
                     return  # a CancelRequest: handled, no reply
                 identity = self._verify(received)
@@ -120,11 +152,55 @@ class Session:
             ) from None
         await self._splice_with(upstream, received.leftover)
 
-    async def _client_handshake(self) -> _Startup | None:
+    async def _accept(self) -> bool:
+        """Create the client transport; returns whether the client began with TLS directly.
+
+        PostgreSQL 17 clients with ``sslnegotiation=direct`` send a TLS ClientHello as their
+        first bytes instead of an SSLRequest (55.2.10). The first byte is peeked, not read,
+        so the TLS layer then reads the whole ClientHello itself.
+        """
+        loop = asyncio.get_running_loop()
+        first = await _peek_first_byte(loop, self._sock)
+        if not first:
+            raise ClientDisconnected("closed before sending anything")
+        context = None
+        if first[0] == TLS_HANDSHAKE_RECORD:
+            context = self.runtime.downstream_ssl_context
+            if context is None:
+                raise ClientDisconnected("direct TLS attempted, but DOWNSTREAM__SSLMODE=disable")
+        self._tls_handshaking = context is not None
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: self.client,
+                self._sock,
+                ssl=context,
+                ssl_handshake_timeout=(
+                    self.runtime.settings.authentication_timeout if context else None
+                ),
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ClientDisconnected(f"direct TLS handshake with client failed: {exc}") from None
+        finally:
+            self._tls_handshaking = False
+        if context is None:
+            return False
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None or ssl_object.selected_alpn_protocol() != "postgresql":
+            # Without ALPN a direct TLS connection could be a cross-protocol attack, so
+            # PostgreSQL refuses it; so do we (over TLS, which is up by now).
+            raise ProtocolViolation(
+                "direct TLS connection without ALPN postgresql",
+                client_message="received direct SSL connection request without ALPN "
+                "protocol negotiation extension",
+            )
+        return True
+
+    async def _client_handshake(self, direct_tls: bool) -> _Startup | None:
         machine = frontend.FrontendHandshake(
             self.runtime.downstream_ssl_mode,
             max_password_length=self.runtime.settings.token.max_length + 1,
             allow_replication=self.runtime.settings.upstream.allow_replication,
+            direct_tls=direct_tls,
         )
         while True:
             event = machine.next_event()
@@ -145,6 +221,7 @@ class Session:
                 self.database = event.startup.database
                 self.client.write(event.data)
             elif isinstance(event, frontend.PasswordReceived):
+                self.protocol_minor = machine.protocol_minor
                 return _Startup(event.startup, event.password, machine.leftover())
             else:  # CancelReceived
                 await self._handle_cancel(event.request)
@@ -190,7 +267,7 @@ class Session:
         # one (equal to the startup user, checked in verify()).
         parameters = dict(startup.parameters)
         parameters["user"] = identity.role
-        upstream = await open_upstream(self.runtime.upstream, parameters)
+        upstream = await open_upstream(self.runtime.upstream, parameters, self.protocol_minor)
         self._upstream = upstream
         log.info(
             "upstream login: user=%s database=%s client=%s upstream=%s method=%s tls=%s",
@@ -224,7 +301,9 @@ class Session:
     def _backend_key_data(self, upstream: UpstreamConnection) -> bytes:
         assert upstream.result.backend_key is not None
         pid, upstream_secret = upstream.result.backend_key
-        self._cancel_entry = self.cancels.register(pid, upstream_secret, upstream.tls)
+        self._cancel_entry = self.cancels.register(
+            pid, upstream_secret, upstream.tls, secret_length(self.protocol_minor)
+        )
         return wire.backend_key_data(pid, self._cancel_entry.proxy_secret)
 
     async def _handle_cancel(self, request: wire.CancelRequest) -> None:
@@ -266,6 +345,8 @@ class Session:
             self.cancels.unregister(self._cancel_entry)
         if self._splice is None:
             self.client.close()
+            if self.client.transport is None:
+                self._sock.close()  # never got a transport: the socket is still ours
             if self._upstream is not None:
                 self._upstream.protocol.abort()
         else:

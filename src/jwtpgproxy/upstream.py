@@ -46,22 +46,28 @@ def describe(target: UpstreamTarget) -> str:
 
 
 async def open_upstream(
-    target: UpstreamTarget, parameters: Mapping[str, str]
+    target: UpstreamTarget, parameters: Mapping[str, str], protocol_minor: int = 0
 ) -> UpstreamConnection:
-    """Connect and log in as ``parameters["user"]``; raise an UpstreamError on failure."""
+    """Connect and log in as ``parameters["user"]``, asking for protocol 3.``protocol_minor``
+    (upstream may negotiate it down); raise an UpstreamError on failure."""
     if target.sslmode is UpstreamSSLMode.ALLOW:
         # libpq "allow": plaintext first; TLS only if the server refuses plaintext.
         try:
-            return await _attempt(target, parameters, use_tls=False)
+            return await _attempt(target, parameters, protocol_minor, use_tls=False)
         except UpstreamErrorResponse as exc:
             if exc.sqlstate != INVALID_AUTHORIZATION_SPECIFICATION:
                 raise
-        return await _attempt(target, parameters, use_tls=True)
-    return await _attempt(target, parameters, use_tls=target.sslmode is not UpstreamSSLMode.DISABLE)
+        return await _attempt(target, parameters, protocol_minor, use_tls=True)
+    use_tls = target.sslmode is not UpstreamSSLMode.DISABLE
+    return await _attempt(target, parameters, protocol_minor, use_tls=use_tls)
 
 
 async def _attempt(
-    target: UpstreamTarget, parameters: Mapping[str, str], *, use_tls: bool
+    target: UpstreamTarget,
+    parameters: Mapping[str, str],
+    protocol_minor: int,
+    *,
+    use_tls: bool,
 ) -> UpstreamConnection:
     protocol = await connect_raw(target)
     try:
@@ -75,6 +81,7 @@ async def _attempt(
             parameters=parameters,
             channel_binding=target.channel_binding,
             tls_server_end_point=binding,
+            protocol_minor=protocol_minor,
         )
         protocol.write(machine.startup_bytes())
         while True:

@@ -289,6 +289,19 @@ def decode_parameter_status(body: bytes) -> tuple[str, str]:
     return parts[0].decode("utf-8", "replace"), parts[1].decode("utf-8", "replace")
 
 
+def decode_negotiate_protocol_version(body: bytes) -> tuple[int, int, list[str]]:
+    """NegotiateProtocolVersion ('v'): (major, minor, unrecognized option names).
+
+    The first Int32 is a whole ProtocolVersion (see :func:`negotiate_protocol_version`)."""
+    if len(body) < 8:
+        raise WireError("NegotiateProtocolVersion too short")
+    version, count = struct.unpack_from("!Ii", body, 0)
+    names = _split_cstrings(body[8:], "NegotiateProtocolVersion") if count else []
+    if count < 0 or len(names) != count or (count == 0 and len(body) != 8):
+        raise WireError("NegotiateProtocolVersion option count does not match")
+    return version >> 16, version & 0xFFFF, [n.decode("utf-8", "replace") for n in names]
+
+
 def decode_backend_key_data(body: bytes) -> tuple[int, bytes]:
     """BackendKeyData ('K'): Int32 process id, then the secret key (4 bytes in 3.0)."""
     if not 8 <= len(body) <= 4 + MAX_CANCEL_KEY_LENGTH:
@@ -350,9 +363,14 @@ def authentication_cleartext_password() -> bytes:
 
 
 def negotiate_protocol_version(newest_minor: int, unrecognized: Iterable[str]) -> bytes:
-    """NegotiateProtocolVersion ('v'): newest minor we support + options we don't."""
+    """NegotiateProtocolVersion ('v'): the newest 3.x we support, and options we don't.
+
+    The docs call the first field the "newest minor protocol version", but PostgreSQL sends
+    the whole ProtocolVersion (``FrontendProtocol``: major << 16 | minor) and libpq and pgJDBC
+    read it that way, so that is what goes on the wire.
+    """
     options = list(unrecognized)
-    body = _INT32.pack(newest_minor) + _INT32.pack(len(options))
+    body = _UINT32.pack((3 << 16) | newest_minor) + _INT32.pack(len(options))
     body += b"".join(_cstring(o) for o in options)
     return typed_message(b"v", body)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jwtpgproxy import wire
-from jwtpgproxy.cancel import SECRET_LENGTH, CancelEntry, CancelRegistry
+from jwtpgproxy.cancel import SECRET_LENGTH_V30, CancelEntry, CancelRegistry
 
 UPSTREAM_SECRET = b"\x11\x22\x33\x44"
 
@@ -18,7 +18,7 @@ def test_register_gives_four_byte_proxy_secret() -> None:
     registry = CancelRegistry()
     entry = registry.register(4242, UPSTREAM_SECRET, upstream_tls=True)
     assert isinstance(entry, CancelEntry)
-    assert SECRET_LENGTH == 4
+    assert SECRET_LENGTH_V30 == 4
     assert len(entry.proxy_secret) == 4
     assert entry.process_id == 4242
     assert entry.upstream_secret == UPSTREAM_SECRET

@@ -273,15 +273,38 @@ def test_startup_fed_byte_by_byte() -> None:
     assert isinstance(event, PasswordReceived) and event.password == "hunter"
 
 
-def test_minor_version_32_gets_negotiate_protocol_version() -> None:
+def test_minor_version_32_is_spoken_without_negotiation() -> None:
+    """3.2 (PostgreSQL 18) is supported: no NegotiateProtocolVersion, straight to auth."""
     hs = over_tls()
     hs.receive_data(startup({"user": "alice"}, version=(3 << 16) | 2))
     event = hs.next_event()
     assert isinstance(event, PasswordRequested)
-    # NegotiateProtocolVersion: 'v', Int32(12), Int32 newest minor 0, Int32 0 options.
-    npv = b"v\x00\x00\x00\x0c\x00\x00\x00\x00\x00\x00\x00\x00"
-    assert event.data == npv + AUTH_CLEARTEXT
+    assert event.data == AUTH_CLEARTEXT
     assert (event.startup.major, event.startup.minor) == (3, 2)
+    assert hs.protocol_minor == 2
+
+
+def test_minor_version_above_32_gets_negotiate_protocol_version() -> None:
+    hs = over_tls()
+    hs.receive_data(startup({"user": "alice"}, version=(3 << 16) | 9))
+    event = hs.next_event()
+    assert isinstance(event, PasswordRequested)
+    # NegotiateProtocolVersion: 'v', Int32(12), Int32 0x00030002 (3.2), Int32 0 options.
+    npv = b"v\x00\x00\x00\x0c\x00\x03\x00\x02\x00\x00\x00\x00"
+    assert event.data == npv + AUTH_CLEARTEXT
+    assert hs.protocol_minor == 2
+
+
+def test_direct_tls_handshake_starts_encrypted() -> None:
+    """sslnegotiation=direct: TLS is up before the first packet, so a plaintext-refusing
+    mode accepts the startup, and an SSLRequest inside TLS is a violation."""
+    hs = handshake(DownstreamSSLMode.REQUIRE, direct_tls=True)
+    hs.receive_data(STARTUP)
+    assert isinstance(hs.next_event(), PasswordRequested)
+    hs = handshake(DownstreamSSLMode.REQUIRE, direct_tls=True)
+    hs.receive_data(SSL_REQUEST)
+    with pytest.raises(ProtocolViolation):
+        hs.next_event()
 
 
 def test_pq_options_get_negotiate_protocol_version() -> None:
@@ -289,7 +312,7 @@ def test_pq_options_get_negotiate_protocol_version() -> None:
     hs.receive_data(startup({"user": "alice", "_pq_.x": "1", "_pq_.yz": "2"}))
     event = hs.next_event()
     assert isinstance(event, PasswordRequested)
-    npv = b"v\x00\x00\x00\x1b\x00\x00\x00\x00\x00\x00\x00\x02_pq_.x\x00_pq_.yz\x00"
+    npv = b"v\x00\x00\x00\x1b\x00\x03\x00\x00\x00\x00\x00\x02_pq_.x\x00_pq_.yz\x00"
     assert event.data.startswith(npv)
     assert event.data == npv + AUTH_CLEARTEXT
     assert event.startup.parameters == {"user": "alice"}

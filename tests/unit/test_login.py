@@ -538,6 +538,32 @@ def test_negotiate_protocol_version_refused() -> None:
         feed(login(), wire.negotiate_protocol_version(0, ["_pq_.x"]))
 
 
+def test_startup_asks_for_requested_minor() -> None:
+    assert login(protocol_minor=2).startup_bytes()[4:8] == b"\x00\x03\x00\x02"
+
+
+def test_upstream_negotiates_32_down_to_30() -> None:
+    """A PostgreSQL < 18 asked for 3.2 answers NegotiateProtocolVersion(3.0) first."""
+    machine = login(protocol_minor=2)
+    assert feed(machine, wire.negotiate_protocol_version(0, [])) == NeedData()
+    assert machine.protocol_minor == 0
+    result = feed(machine, wire.authentication(wire.AUTH_OK) + READY)
+    assert isinstance(result, LoginComplete)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        wire.negotiate_protocol_version(2, []),  # upwards from 3.0
+        wire.authentication(wire.AUTH_OK) + wire.negotiate_protocol_version(0, []),  # late
+        wire.typed_message(b"v", b"\x00\x04\x00\x00\x00\x00\x00\x00"),  # major 4
+    ],
+)
+def test_negotiate_protocol_version_out_of_bounds(data: bytes) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        feed(login(protocol_minor=0), data)
+
+
 def test_short_authentication_message() -> None:
     with pytest.raises(UpstreamProtocolError):
         feed(login(), b"R\x00\x00\x00\x06\x00\x00")

@@ -125,13 +125,28 @@ def test_auth_codes() -> None:
 
 
 def test_negotiate_protocol_version() -> None:
-    # 55.7 NegotiateProtocolVersion: 'v', Int32 len, Int32 newest minor, Int32 count, names.
+    # 55.7 NegotiateProtocolVersion: 'v', Int32 len, Int32 version, Int32 count, names. The
+    # version is the whole ProtocolVersion as PostgreSQL sends it (FrontendProtocol): 3.0 is
+    # 0x00030000, 3.2 is 0x00030002 -- not the bare minor the docs describe.
     assert wire.negotiate_protocol_version(0, []) == (
-        b"v\x00\x00\x00\x0c\x00\x00\x00\x00\x00\x00\x00\x00"
+        b"v\x00\x00\x00\x0c\x00\x03\x00\x00\x00\x00\x00\x00"
     )
-    assert wire.negotiate_protocol_version(0, ["_pq_.a", "_pq_.bb"]) == (
-        b"v\x00\x00\x00\x1b\x00\x00\x00\x00\x00\x00\x00\x02_pq_.a\x00_pq_.bb\x00"
+    assert wire.negotiate_protocol_version(2, ["_pq_.a", "_pq_.bb"]) == (
+        b"v\x00\x00\x00\x1b\x00\x03\x00\x02\x00\x00\x00\x02_pq_.a\x00_pq_.bb\x00"
     )
+
+
+def test_decode_negotiate_protocol_version() -> None:
+    body = b"\x00\x03\x00\x00\x00\x00\x00\x01_pq_.a\x00"
+    assert wire.decode_negotiate_protocol_version(body) == (3, 0, ["_pq_.a"])
+    assert wire.decode_negotiate_protocol_version(b"\x00\x03\x00\x02\x00\x00\x00\x00") == (
+        3,
+        2,
+        [],
+    )
+    for bad in (b"\x00\x03", b"\x00\x03\x00\x00\x00\x00\x00\x02_pq_.a\x00", b"\x00" * 8 + b"x"):
+        with pytest.raises(wire.WireError):
+            wire.decode_negotiate_protocol_version(bad)
 
 
 def test_backend_key_data() -> None:
