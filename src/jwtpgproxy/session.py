@@ -224,7 +224,7 @@ class Session:
                 self.protocol_minor = machine.protocol_minor
                 return _Startup(event.startup, event.password, machine.leftover())
             else:  # CancelReceived
-                await self._handle_cancel(event.request)
+                await self._handle_cancel(event.request, tls=machine.tls)
                 return None
 
     async def _start_client_tls(self, event: frontend.StartTLS) -> None:
@@ -306,12 +306,18 @@ class Session:
         )
         return wire.backend_key_data(pid, self._cancel_entry.proxy_secret)
 
-    async def _handle_cancel(self, request: wire.CancelRequest) -> None:
+    async def _handle_cancel(self, request: wire.CancelRequest, *, tls: bool) -> None:
         entry = self.cancels.match(request)
         if entry is None:
-            log.info("cancel request ignored: no such session: client=%s", self.peer)
+            log.info("cancel request ignored: no such session: client=%s tls=%s", self.peer, tls)
             return
-        log.info("cancel request forwarded: pid=%d client=%s", entry.process_id, self.peer)
+        log.info(
+            "cancel request forwarded: pid=%d client=%s tls=%s upstream_tls=%s",
+            entry.process_id,
+            self.peer,
+            tls,
+            entry.upstream_tls,
+        )
         await forward_cancel(self.runtime.upstream, entry)
 
     def _fail(self, exc: ProxyError) -> None:
