@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import re
 import sys
@@ -68,9 +67,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve() -> int:
     from .config import load_runtime
+    from .logs import configure
 
     runtime = load_runtime()
-    _configure_logging(runtime.settings.log_level)
+    configure(runtime.settings.log_level, runtime.settings.log_format.value)
     from .server import serve
 
     try:
@@ -80,14 +80,6 @@ def _serve() -> int:
     else:
         uvloop.run(serve(runtime))
     return 0
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def _keygen(args: argparse.Namespace) -> int:

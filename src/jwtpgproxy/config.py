@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .connection import Keepalive
 from .errors import ConfigError
 from .frontend import DownstreamSSLMode
 from .login import ChannelBindingPolicy
@@ -69,6 +70,26 @@ class DownstreamSettings(_Section):
         return value
 
 
+class MetricsSettings(_Section):
+    """The HTTP listener for /metrics, /healthz and /readyz; off unless a port is set."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=0, le=65535)
+
+
+class KeepaliveSettings(_Section):
+    """TCP keepalive on both sides: dead peers are noticed in idle + interval * count s."""
+
+    idle: int = Field(default=60, ge=1, le=7200)
+    interval: int = Field(default=10, ge=1, le=600)
+    count: int = Field(default=6, ge=1, le=50)
+
+
+class LogFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
 class TokenSettings(_Section):
     leeway_seconds: float = Field(default=10.0, ge=0, le=300)
     max_length: int = Field(default=16384, ge=256, le=65535)
@@ -94,7 +115,17 @@ class Settings(BaseSettings):
     authentication_timeout: float = Field(default=60.0, gt=0, le=600)
     #: How long SIGTERM waits for sessions to end before closing them.
     shutdown_timeout: float = Field(default=30.0, ge=0, le=3600)
+    #: Client connections at once; beyond it, FATAL 53300 before any password is asked.
+    max_client_connections: int = Field(default=1000, ge=1, le=1_000_000)
+    #: Connections that have not finished login at once (slowloris bound); beyond it new
+    #: connections are closed at once.
+    max_pending_logins: int = Field(default=256, ge=1, le=100_000)
+    #: Seconds; sent upstream as PostgreSQL's idle_session_timeout (0 = off).
+    idle_session_timeout: float = Field(default=0, ge=0, le=7 * 86400)
+    keepalive: KeepaliveSettings = KeepaliveSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log_level: str = "INFO"
+    log_format: LogFormat = LogFormat.TEXT
 
     @field_validator("log_level")
     @classmethod
@@ -117,6 +148,7 @@ class UpstreamTarget:
     ssl_context: ssl.SSLContext | None  # None when sslmode is disable
     channel_binding: ChannelBindingPolicy
     connect_timeout: float
+    keepalive: Keepalive
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +162,7 @@ class Runtime:
     listen_port: int
     downstream_ssl_mode: DownstreamSSLMode
     downstream_ssl_context: ssl.SSLContext | None
+    keepalive: Keepalive
 
 
 def _env_name(loc: tuple[Any, ...]) -> str:
@@ -231,6 +264,9 @@ def build_runtime(settings: Settings) -> Runtime:
         ),
     )
     up = settings.upstream
+    keepalive = Keepalive(
+        settings.keepalive.idle, settings.keepalive.interval, settings.keepalive.count
+    )
     if up.sslrootcert is not None and not up.sslrootcert.is_file():
         raise ConfigError(f"UPSTREAM__SSLROOTCERT: file not found: {up.sslrootcert}")
     upstream = UpstreamTarget(
@@ -241,6 +277,7 @@ def build_runtime(settings: Settings) -> Runtime:
         ssl_context=upstream_ssl_context(up),
         channel_binding=up.channel_binding,
         connect_timeout=up.connect_timeout,
+        keepalive=keepalive,
     )
     if up.channel_binding is ChannelBindingPolicy.REQUIRE and up.sslmode in (
         UpstreamSSLMode.DISABLE,
@@ -259,6 +296,7 @@ def build_runtime(settings: Settings) -> Runtime:
         listen_port=down.port,
         downstream_ssl_mode=down.sslmode,
         downstream_ssl_context=_downstream_ssl_context(down),
+        keepalive=keepalive,
     )
 
 

@@ -11,10 +11,21 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from dataclasses import dataclass
 from typing import cast
 
 #: Stop reading from the peer when this much is buffered and unread (handshake only).
 _READ_HIGH_WATER = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """TCP keepalive timing: first probe after ``idle`` s, then every ``interval`` s, the
+    peer is declared dead after ``count`` unanswered probes."""
+
+    idle: int = 60
+    interval: int = 10
+    count: int = 6
 
 
 class ConnectionClosed(Exception):
@@ -22,7 +33,8 @@ class ConnectionClosed(Exception):
 
 
 class HandshakeProtocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, keepalive: Keepalive | None = None) -> None:
+        self._keepalive = keepalive or Keepalive()
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._eof = False
@@ -38,7 +50,7 @@ class HandshakeProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        configure_socket(self.transport)
+        configure_socket(self.transport, self._keepalive)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -174,13 +186,18 @@ def format_peer(sock: socket.socket) -> str:
     return str(peer) or "local"
 
 
-def configure_socket(transport: asyncio.BaseTransport) -> None:
-    """TCP_NODELAY (small protocol messages must not wait for Nagle) and keepalive."""
+def configure_socket(transport: asyncio.BaseTransport, keepalive: Keepalive) -> None:
+    """TCP_NODELAY (small protocol messages must not wait for Nagle) and keepalive, so a
+    peer that vanished without a FIN (a NAT timeout, a dead host) is noticed."""
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; macOS has only TCP_KEEPALIVE
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.count)
     except OSError:
         pass  # the peer may already be gone; the next read will tell

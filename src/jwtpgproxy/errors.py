@@ -31,6 +31,7 @@ INTERNAL_ERROR = "XX000"
 class ProxyError(Exception):
     """Base of every error the proxy raises on purpose."""
 
+    metric_reason = "internal_error"
     severity: str = "FATAL"
     sqlstate: str = INTERNAL_ERROR
     client_message: str = "internal error in proxy"
@@ -58,11 +59,13 @@ class ClientError(ProxyError):
 
 
 class ProtocolViolation(ClientError):
+    metric_reason = "protocol_violation"
     sqlstate = PROTOCOL_VIOLATION
     client_message = "invalid frontend message"
 
 
 class FeatureNotSupported(ClientError):
+    metric_reason = "protocol_violation"
     sqlstate = FEATURE_NOT_SUPPORTED
     client_message = "feature not supported"
 
@@ -70,6 +73,7 @@ class FeatureNotSupported(ClientError):
 class ClientDisconnected(ClientError):
     """The client went away; nothing can be sent to it."""
 
+    metric_reason = "client_disconnected"
     sqlstate = CONNECTION_FAILURE
     client_message = "connection closed"
 
@@ -83,34 +87,41 @@ class AuthenticationFailed(ClientError):
 
     sqlstate = INVALID_PASSWORD
 
-    def __init__(self, reason: str, *, user: str) -> None:
+    def __init__(self, reason: str, *, user: str, metric_reason: str = "invalid_token") -> None:
         super().__init__(reason, client_message=f'password authentication failed for user "{user}"')
         self.user = user
+        #: The token Rejection code: a small fixed set, safe as a metrics label.
+        self.metric_reason = metric_reason
 
 
 class InvalidAuthorization(ClientError):
     """The startup packet asks for something this proxy never grants (28000)."""
 
+    metric_reason = "protocol_violation"
     sqlstate = INVALID_AUTHORIZATION_SPECIFICATION
     client_message = "invalid authorization specification"
 
 
 class EncryptionRequired(ClientError):
+    metric_reason = "encryption_required"
     sqlstate = INVALID_AUTHORIZATION_SPECIFICATION
     client_message = "SSL/TLS encryption is required to connect to this proxy"
 
 
 class TooManyConnections(ClientError):
+    metric_reason = "too_many_connections"
     sqlstate = TOO_MANY_CONNECTIONS
     client_message = "sorry, too many clients already"
 
 
 class ServerShuttingDown(ClientError):
+    metric_reason = "shutting_down"
     sqlstate = ADMIN_SHUTDOWN
     client_message = "terminating connection due to administrator command"
 
 
 class HandshakeTimeout(ClientError):
+    metric_reason = "timeout"
     sqlstate = PROTOCOL_VIOLATION
     client_message = "canceling authentication due to timeout"
 
@@ -118,12 +129,15 @@ class HandshakeTimeout(ClientError):
 class UpstreamError(ProxyError):
     """Caused by the real PostgreSQL server, or by failing to reach it."""
 
+    metric_reason = "upstream_error"
     sqlstate = CONNECTION_FAILURE
     client_message = "could not connect to the upstream PostgreSQL server"
 
 
 class UpstreamUnavailable(UpstreamError):
     """TCP connect, TLS or timeout failure towards upstream."""
+
+    metric_reason = "upstream_unavailable"
 
 
 class UpstreamProtocolError(UpstreamError):
@@ -140,6 +154,7 @@ class UpstreamAuthenticationFailed(UpstreamError):
     sees a clear server-side error and never the proxy's password or upstream's wording.
     """
 
+    metric_reason = "upstream_auth_failed"
     sqlstate = INVALID_AUTHORIZATION_SPECIFICATION
     client_message = "the proxy could not log in to the upstream PostgreSQL server"
 

@@ -1,8 +1,16 @@
-"""The listener: accepts clients, runs a Session for each, shuts down in order.
+"""The listener: accepts clients, runs a Session for each, enforces limits, reloads, and
+shuts down in order.
 
-Shutdown (SIGTERM, or the first SIGINT): stop accepting, let sessions finish for up to
-``SHUTDOWN_TIMEOUT`` seconds, then close the rest. Sessions still in their handshake get
-FATAL 57P01. A second SIGINT exits at once.
+Limits: beyond ``MAX_CLIENT_CONNECTIONS`` a client gets FATAL 53300 once its startup packet
+is read (before any password is asked); beyond ``MAX_PENDING_LOGINS`` connections that have
+not finished login, new connections are closed at once -- with the authentication deadline,
+this bounds what stalled clients can hold.
+
+Shutdown (SIGTERM, or the first SIGINT): stop accepting and report not-ready, let sessions
+finish for up to ``SHUTDOWN_TIMEOUT`` seconds, then end the rest: sessions still logging in
+get FATAL 57P01 from the proxy; spliced sessions are ended by upstream itself
+(pg_terminate_backend), so their clients get PostgreSQL's own FATAL 57P01 at a message
+boundary. A second SIGINT exits at once. SIGHUP reloads what lives in files.
 """
 
 from __future__ import annotations
@@ -12,84 +20,177 @@ import contextlib
 import logging
 import signal
 import socket
+from collections import defaultdict
+from collections.abc import Iterator
+from logging import INFO, WARNING
 
+from .admin import AdminServer
 from .cancel import CancelRegistry
-from .config import Runtime
-from .errors import ConfigError
-from .session import Session
+from .config import Runtime, build_runtime
+from .errors import ConfigError, ProxyError
+from .logs import event
+from .metrics import Metrics
+from .session import ServerContext, Session
+from .upstream import connect_raw, terminate_backends
 
 log = logging.getLogger("jwtpgproxy")
-
 
 #: Connections accepted per readiness callback before yielding to the event loop.
 _ACCEPT_BATCH = 64
 #: Pause after accept() fails for lack of resources (EMFILE, ENFILE, ENOBUFS), so the loop
 #: does not spin on a listener that stays readable.
 _ACCEPT_BACKOFF_SECONDS = 0.1
+#: After the drain timeout: how long terminated sessions get to end before being aborted.
+_TERMINATE_GRACE_SECONDS = 5.0
+_READY_PROBE_TIMEOUT = 2.0
 
 
 class ProxyServer:
     def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.cancels = CancelRegistry()
-        self._listeners: list[socket.socket] = []
         self._tasks: dict[asyncio.Task[None], Session] = {}
-        self._stopping: asyncio.Event | None = None
+        self.context = ServerContext(runtime, CancelRegistry(), Metrics(self._live_sessions))
+        self._listeners: list[socket.socket] = []
+        self._admin: AdminServer | None = None
+        self._stopping = asyncio.Event()
+        self._pending = 0  # sessions accepted that have not finished login
         self._interrupts = 0
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.context.runtime
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.context.metrics
 
     @property
     def sessions(self) -> int:
         return len(self._tasks)
 
+    def _live_sessions(self) -> Iterator[Session]:
+        return iter(list(self._tasks.values()))
+
     async def start(self) -> None:
-        """Listen on every configured address.
+        """Listen on every configured address (and the admin address, if configured).
 
         The proxy accepts sockets itself rather than through ``loop.create_server``: a
         session must peek at the first byte before any transport reads it, to tell a
         direct TLS ClientHello from a PostgreSQL packet (see Session._accept).
         """
-        self._stopping = asyncio.Event()
         for host in self.runtime.listen_hosts:
             listener = _listening_socket(host, self.runtime.listen_port)
             self._listeners.append(listener)
             self._watch(listener)
             address = listener.getsockname()
-            log.info(
-                "listening: address=%s port=%d tls=%s",
-                address[0],
-                address[1],
-                self.runtime.downstream_ssl_mode.value,
+            event(
+                log,
+                INFO,
+                "listening",
+                address=address[0],
+                port=address[1],
+                tls=self.runtime.downstream_ssl_mode.value,
             )
+        metrics = self.runtime.settings.metrics
+        if metrics.port is not None:
+            self._admin = AdminServer(metrics.host, metrics.port, self.metrics, self.ready)
+            try:
+                await self._admin.start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"METRICS__HOST/METRICS__PORT: cannot listen on {metrics.host}:"
+                    f"{metrics.port}: {exc.strerror or exc}"
+                ) from None
+
+    # -- accepting --
 
     def _watch(self, listener: socket.socket) -> None:
         asyncio.get_running_loop().add_reader(listener.fileno(), self._on_acceptable, listener)
 
     def _on_acceptable(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        settings = self.runtime.settings
         for _ in range(_ACCEPT_BATCH):
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed: %s; pausing %.1fs", exc, _ACCEPT_BACKOFF_SECONDS)
+                event(log, WARNING, "accept failed", error=exc, pause=_ACCEPT_BACKOFF_SECONDS)
                 loop.remove_reader(listener.fileno())
                 loop.call_later(_ACCEPT_BACKOFF_SECONDS, self._resume_accepting, listener)
                 return
+            self.metrics.connections_total.inc()
+            if self._pending >= settings.max_pending_logins:
+                # Closed without a word: reading even a startup packet costs what the limit
+                # is there to bound. The authentication deadline frees the pending ones.
+                self.metrics.connections_refused.labels("max_pending_logins").inc()
+                event(
+                    log,
+                    WARNING,
+                    "connection refused: too many pending logins",
+                    pending=self._pending,
+                )
+                sock.close()
+                continue
+            over_limit = len(self._tasks) >= settings.max_client_connections
+            if over_limit:
+                self.metrics.connections_refused.labels("max_client_connections").inc()
             sock.setblocking(False)
-            session = Session(self.runtime, self.cancels, sock)
+            session = Session(
+                self.context, sock, over_limit=over_limit, on_spliced=self._on_spliced
+            )
+            self._pending += 1
+            self.metrics.connections_open.inc()
             task = loop.create_task(session.run())
             self._tasks[task] = session
-            task.add_done_callback(self._tasks.pop)
+            task.add_done_callback(self._on_session_done)
+
+    def _on_spliced(self, session: Session) -> None:
+        self._pending -= 1
+
+    def _on_session_done(self, task: asyncio.Task[None]) -> None:
+        session = self._tasks.pop(task)
+        self.metrics.connections_open.dec()
+        if not session.spliced:
+            self._pending -= 1
 
     def _resume_accepting(self, listener: socket.socket) -> None:
-        if listener.fileno() >= 0 and not (self._stopping and self._stopping.is_set()):
+        if listener.fileno() >= 0 and not self._stopping.is_set():
             self._watch(listener)
+
+    # -- health, reload, signals --
+
+    async def ready(self) -> tuple[bool, str]:
+        """Readiness: accepting, and upstream accepts a TCP connection."""
+        if self._stopping.is_set():
+            return False, "shutting down"
+        try:
+            async with asyncio.timeout(_READY_PROBE_TIMEOUT):
+                protocol = await connect_raw(self.runtime.upstream)
+        except (ProxyError, TimeoutError) as exc:
+            return False, f"upstream not reachable: {exc}"
+        protocol.close()
+        return True, "ready"
+
+    def reload(self) -> None:
+        """SIGHUP: rebuild the runtime from the settings, re-reading every file it uses
+        (TLS certificates and keys, CA files). A bad new configuration is logged and the
+        running one kept; live sessions are untouched either way."""
+        try:
+            runtime = build_runtime(self.runtime.settings)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("failed").inc()
+            event(log, WARNING, "reload failed: keeping the running configuration", error=exc)
+            return
+        self.context.runtime = runtime
+        self.metrics.config_reloads.labels("ok").inc()
+        event(log, INFO, "reloaded", sessions=len(self._tasks))
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
 
     def _on_sigint(self) -> None:
         self._interrupts += 1
@@ -99,12 +200,12 @@ class ProxyServer:
         self.request_stop("SIGINT")
 
     def request_stop(self, why: str = "request") -> None:
-        log.info("shutdown requested: signal=%s sessions=%d", why, len(self._tasks))
-        if self._stopping is not None:
-            self._stopping.set()
+        event(log, INFO, "shutdown requested", signal=why, sessions=len(self._tasks))
+        self._stopping.set()
+
+    # -- shutdown --
 
     async def serve_until_stopped(self) -> None:
-        assert self._stopping is not None
         await self._stopping.wait()
         await self.shutdown()
 
@@ -116,19 +217,54 @@ class ProxyServer:
                 listener.close()
 
     async def shutdown(self) -> None:
+        self._stopping.set()
         self._close_listeners()  # stop accepting; live connections are ours to end
         timeout = self.runtime.settings.shutdown_timeout
         if self._tasks:
-            log.info("draining: sessions=%d timeout=%gs", len(self._tasks), timeout)
+            event(log, INFO, "draining", sessions=len(self._tasks), timeout=timeout)
             await asyncio.wait(list(self._tasks), timeout=timeout)
-        remaining = list(self._tasks.items())
-        if remaining:
-            log.info("closing sessions after drain timeout: sessions=%d", len(remaining))
-            for task, session in remaining:
-                session.shutdown_now()
-                task.cancel()
-            await asyncio.wait([task for task, _ in remaining], timeout=5)
+        if self._tasks:
+            await self._end_remaining()
+        if self._admin is not None:
+            self._admin.close()
         log.info("shutdown complete")
+
+    async def _end_remaining(self) -> None:
+        remaining = dict(self._tasks)
+        spliced = [s for s in remaining.values() if s.spliced]
+        event(
+            log,
+            INFO,
+            "ending sessions after drain timeout",
+            sessions=len(remaining),
+            spliced=len(spliced),
+        )
+        for task, session in remaining.items():
+            if not session.spliced:
+                task.cancel()  # still logging in: the session sends FATAL 57P01 itself
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for session in spliced:
+            if session.role and session.database and session.upstream_pid is not None:
+                groups[(session.role, session.database)].append(session.upstream_pid)
+        results = await asyncio.gather(
+            *(
+                terminate_backends(self.runtime.upstream, role, database, pids)
+                for (role, database), pids in groups.items()
+            ),
+            return_exceptions=True,
+        )
+        for (role, _), result in zip(groups, results, strict=True):
+            if isinstance(result, BaseException):
+                event(
+                    log, WARNING, "could not terminate upstream backends", role=role, error=result
+                )
+        self.metrics.sessions_ended_by_policy.labels("shutdown").inc(len(spliced))
+        _, pending = await asyncio.wait(list(remaining), timeout=_TERMINATE_GRACE_SECONDS)
+        for task in pending:
+            remaining[task].shutdown_now()
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=2)
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:

@@ -16,6 +16,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from logging import INFO, WARNING
 
 from . import frontend, wire
 from .cancel import CancelEntry, CancelRegistry, forward_cancel, secret_length
@@ -28,8 +29,11 @@ from .errors import (
     ProtocolViolation,
     ProxyError,
     ServerShuttingDown,
+    TooManyConnections,
     UpstreamAuthenticationFailed,
 )
+from .logs import event
+from .metrics import Metrics
 from .splice import Splice
 from .tokens import Identity, TokenRejected
 from .upstream import UpstreamConnection, describe, open_upstream
@@ -64,6 +68,16 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 @dataclass(slots=True)
+class ServerContext:
+    """What every session shares. ``runtime`` is replaced on reload (SIGHUP); a session
+    keeps the runtime it started with."""
+
+    runtime: Runtime
+    cancels: CancelRegistry
+    metrics: Metrics
+
+
+@dataclass(slots=True)
 class _Startup:
     startup: wire.StartupMessage
     token: str
@@ -73,17 +87,23 @@ class _Startup:
 class Session:
     def __init__(
         self,
-        runtime: Runtime,
-        cancels: CancelRegistry,
+        context: ServerContext,
         sock: socket.socket,
         *,
+        over_limit: bool = False,
         on_spliced: Callable[[Session], None] | None = None,
     ) -> None:
-        """``sock``: a just-accepted, non-blocking client socket, owned from now on."""
-        self.runtime = runtime
-        self.cancels = cancels
+        """``sock``: a just-accepted, non-blocking client socket, owned from now on.
+
+        ``over_limit``: the server is at its client limit; once the startup packet is read
+        the client gets FATAL 53300, before any password is asked (as PostgreSQL does).
+        """
+        self.runtime = context.runtime
+        self.cancels = context.cancels
+        self.metrics = context.metrics
+        self._over_limit = over_limit
         self._sock = sock
-        self.client = HandshakeProtocol()  # connected to ``sock`` by _accept()
+        self.client = HandshakeProtocol(self.runtime.keepalive)  # connected by _accept()
         self.peer = format_peer(sock)
         self.user: str | None = None
         self.database: str | None = None
@@ -93,6 +113,10 @@ class Session:
         self._on_spliced = on_spliced
         self._tls_handshaking = False
         self.protocol_minor = 0
+        #: The upstream role, database and backend pid once spliced (for termination).
+        self.role: str | None = None
+        self.upstream_pid: int | None = None
+        self._is_cancel = False
 
     @property
     def spliced(self) -> bool:
@@ -100,7 +124,7 @@ class Session:
 
     async def run(self) -> None:
         started = time.monotonic()
-        log.info("connection received: client=%s", self.peer)
+        event(log, INFO, "connection received", client=self.peer)
         try:
             await self._run()
         except ProxyError as exc:
@@ -115,15 +139,17 @@ class Session:
             self._fail(ProxyError("internal error"))
         finally:
             self._cleanup()
-            log.info(
-                "connection closed: user=%s database=%s client=%s duration=%.3fs "
-                "bytes_from_client=%d bytes_to_client=%d",
-                self.user,
-                self.database,
-                self.peer,
-                time.monotonic() - started,
-                self.bytes_from_client,
-                self.bytes_to_client,
+            self.metrics.session_closed(self)
+            event(
+                log,
+                INFO,
+                "connection closed",
+                user=self.user,
+                database=self.database,
+                client=self.peer,
+                duration=f"{time.monotonic() - started:.3f}s",
+                bytes_from_client=self.bytes_from_client,
+                bytes_to_client=self.bytes_to_client,
             )
 
     @property
@@ -203,34 +229,36 @@ class Session:
             direct_tls=direct_tls,
         )
         while True:
-            event = machine.next_event()
-            if isinstance(event, frontend.NeedData):
+            step = machine.next_event()
+            if isinstance(step, frontend.NeedData):
                 try:
                     machine.receive_data(await self.client.read())
                 except ConnectionClosed:
                     raise ClientDisconnected(
                         "client closed the connection during handshake"
                     ) from None
-            elif isinstance(event, frontend.Reply):
-                self.client.write(event.data)
-            elif isinstance(event, frontend.StartTLS):
-                await self._start_client_tls(event)
+            elif isinstance(step, frontend.Reply):
+                self.client.write(step.data)
+            elif isinstance(step, frontend.StartTLS):
+                await self._start_client_tls(step)
                 machine.tls_established()
-            elif isinstance(event, frontend.PasswordRequested):
-                self.user = event.startup.user
-                self.database = event.startup.database
-                self.client.write(event.data)
-            elif isinstance(event, frontend.PasswordReceived):
+            elif isinstance(step, frontend.PasswordRequested):
+                self.user = step.startup.user
+                self.database = step.startup.database
+                if self._over_limit:
+                    raise TooManyConnections("max_client_connections reached")
+                self.client.write(step.data)
+            elif isinstance(step, frontend.PasswordReceived):
                 self.protocol_minor = machine.protocol_minor
-                return _Startup(event.startup, event.password, machine.leftover())
+                return _Startup(step.startup, step.password, machine.leftover())
             else:  # CancelReceived
-                await self._handle_cancel(event.request, tls=machine.tls)
+                await self._handle_cancel(step.request, tls=machine.tls)
                 return None
 
-    async def _start_client_tls(self, event: frontend.StartTLS) -> None:
+    async def _start_client_tls(self, step: frontend.StartTLS) -> None:
         context = self.runtime.downstream_ssl_context
         assert context is not None  # the machine only asks for TLS when it is configured
-        self.client.write(event.data)
+        self.client.write(step.data)
         self._tls_handshaking = True
         try:
             await self.client.start_tls(
@@ -248,15 +276,19 @@ class Session:
         try:
             identity = self.runtime.verifier.verify(received.token, startup.user)
         except TokenRejected as exc:
-            raise AuthenticationFailed(f"token rejected: {exc}", user=startup.user) from None
-        log.info(
-            "token accepted: user=%s database=%s client=%s alg=%s key=%s expires_in=%.0fs",
-            startup.user,
-            startup.database,
-            self.peer,
-            identity.algorithm,
-            identity.key_name,
-            identity.expires_at - time.time(),
+            raise AuthenticationFailed(
+                f"token rejected: {exc}", user=startup.user, metric_reason=exc.code.value
+            ) from None
+        event(
+            log,
+            INFO,
+            "token accepted",
+            user=startup.user,
+            database=startup.database,
+            client=self.peer,
+            alg=identity.algorithm,
+            key=identity.key_name,
+            expires_in=f"{identity.expires_at - time.time():.0f}s",
         )
         return identity
 
@@ -267,16 +299,30 @@ class Session:
         # one (equal to the startup user, checked in verify()).
         parameters = dict(startup.parameters)
         parameters["user"] = identity.role
+        idle = self.runtime.settings.idle_session_timeout
+        if idle:
+            # PostgreSQL ends a session idle outside a transaction with FATAL 57P05 at a
+            # message boundary -- which the proxy cannot find without parsing the stream.
+            # Sent after the client's own parameters, so it overrides theirs.
+            parameters["idle_session_timeout"] = f"{round(idle * 1000)}ms"
+        started = time.monotonic()
         upstream = await open_upstream(self.runtime.upstream, parameters, self.protocol_minor)
+        self.metrics.upstream_login_seconds.observe(time.monotonic() - started)
         self._upstream = upstream
-        log.info(
-            "upstream login: user=%s database=%s client=%s upstream=%s method=%s tls=%s",
-            self.user,
-            self.database,
-            self.peer,
-            describe(self.runtime.upstream),
-            upstream.result.auth_method,
-            upstream.tls,
+        self.role = identity.role
+        if upstream.result.backend_key is not None:
+            self.upstream_pid = upstream.result.backend_key[0]
+        event(
+            log,
+            INFO,
+            "upstream login",
+            user=self.user,
+            database=self.database,
+            client=self.peer,
+            upstream=describe(self.runtime.upstream),
+            method=upstream.result.auth_method,
+            tls=upstream.tls,
+            seconds=f"{time.monotonic() - started:.4f}",
         )
         return upstream
 
@@ -294,6 +340,7 @@ class Session:
             raise ClientDisconnected("a side closed while login completed")
         self._splice = Splice(client_transport, upstream_transport)
         self._splice.start(bytes(to_client) + upstream_rest, client_leftover + client_rest)
+        self.metrics.login_succeeded()
         if self._on_spliced is not None:
             self._on_spliced(self)
         await self._splice.wait_closed()
@@ -307,41 +354,40 @@ class Session:
         return wire.backend_key_data(pid, self._cancel_entry.proxy_secret)
 
     async def _handle_cancel(self, request: wire.CancelRequest, *, tls: bool) -> None:
+        self._is_cancel = True
         entry = self.cancels.match(request)
         if entry is None:
-            log.info("cancel request ignored: no such session: client=%s tls=%s", self.peer, tls)
+            self.metrics.cancel_requests.labels("unmatched").inc()
+            event(log, INFO, "cancel request ignored: no such session", client=self.peer, tls=tls)
             return
-        log.info(
-            "cancel request forwarded: pid=%d client=%s tls=%s upstream_tls=%s",
-            entry.process_id,
-            self.peer,
-            tls,
-            entry.upstream_tls,
+        self.metrics.cancel_requests.labels("forwarded").inc()
+        event(
+            log,
+            INFO,
+            "cancel request forwarded",
+            pid=entry.process_id,
+            client=self.peer,
+            tls=tls,
+            upstream_tls=entry.upstream_tls,
         )
         await forward_cancel(self.runtime.upstream, entry)
 
     def _fail(self, exc: ProxyError) -> None:
+        fields = {"user": self.user, "database": self.database, "client": self.peer}
         if isinstance(exc, AuthenticationFailed | UpstreamAuthenticationFailed):
-            log.warning(
-                "authentication failed: user=%s database=%s client=%s reason=%s",
-                self.user,
-                self.database,
-                self.peer,
-                exc.reason,
-            )
+            event(log, WARNING, "authentication failed", **fields, reason=exc.reason)
         elif isinstance(exc, ClientDisconnected):
-            log.info("client gone: client=%s reason=%s", self.peer, exc.reason)
+            event(log, INFO, "client gone", client=self.peer, reason=exc.reason)
         else:
-            log.warning(
-                "session failed: user=%s database=%s client=%s sqlstate=%s reason=%s",
-                self.user,
-                self.database,
-                self.peer,
-                exc.sqlstate,
-                exc.reason,
+            event(
+                log, WARNING, "session failed", **fields, sqlstate=exc.sqlstate, reason=exc.reason
             )
-        if self._splice is not None or self._tls_handshaking:
-            return  # mid-stream or mid-TLS-handshake: no protocol message fits in here
+        if self._splice is not None:
+            return  # mid-stream: no protocol message fits in here
+        if not self._is_cancel:
+            self.metrics.login_failed(exc.metric_reason)
+        if self._tls_handshaking:
+            return  # mid-TLS-handshake: an ErrorResponse would only garble it
         if not isinstance(exc, ClientDisconnected) and not self.client.closed:
             with contextlib.suppress(ConnectionClosed):
                 self.client.write(wire.error_response(exc.client_fields()))

@@ -104,7 +104,7 @@ async def _attempt(
 
 async def connect_raw(target: UpstreamTarget) -> HandshakeProtocol:
     loop = asyncio.get_running_loop()
-    protocol = HandshakeProtocol()
+    protocol = HandshakeProtocol(target.keepalive)
     try:
         async with asyncio.timeout(target.connect_timeout):
             if target.host.startswith("/"):
@@ -186,3 +186,36 @@ def _tls_server_end_point(protocol: HandshakeProtocol) -> bytes | None:
     digest = hashes.Hash(algorithm)
     digest.update(der)
     return digest.finalize()
+
+
+async def terminate_backends(
+    target: UpstreamTarget, role: str, database: str, pids: list[int]
+) -> None:
+    """Ask upstream to end ``pids`` (backends of ``role``) with pg_terminate_backend().
+
+    The proxy cannot inject an ErrorResponse into a spliced stream -- it does not know where
+    messages begin -- but PostgreSQL can: each backend sends FATAL 57P01 "terminating
+    connection due to administrator command" at a message boundary and closes, and that
+    reaches the client through the splice. A role may terminate its own backends, so the
+    proxy logs in as that role, with the password it already uses for it.
+    """
+    pid_list = ",".join(str(int(pid)) for pid in pids)  # ints only: nothing to inject
+    query = f"SELECT pg_terminate_backend(p) FROM unnest(ARRAY[{pid_list}]::int[]) p"  # noqa: S608
+    connection = await open_upstream(target, {"user": role, "database": database})
+    protocol = connection.protocol
+    try:
+        protocol.write(wire.typed_message(b"Q", query.encode("ascii") + b"\0"))
+        buffer = wire.MessageBuffer()
+        buffer.feed(connection.leftover)
+        while True:
+            message = buffer.read_typed(login_sm.MAX_LOGIN_MESSAGE_LENGTH)
+            if message is None:
+                buffer.feed(await protocol.read())
+                continue
+            if message.tag == b"E":
+                raise UpstreamErrorResponse(wire.decode_fields(message.body))
+            if message.tag == b"Z":
+                break
+        protocol.write(wire.terminate())
+    finally:
+        protocol.close()

@@ -1,0 +1,109 @@
+"""The operator's HTTP listener: ``/metrics``, ``/healthz`` and ``/readyz``.
+
+Off unless ``METRICS__PORT`` is set. A deliberately tiny HTTP/1.1 responder: GET/HEAD only,
+request head capped at 8 KiB and 5 s, one request per connection -- enough for Prometheus,
+Docker HEALTHCHECK and Kubernetes probes, and nothing an attacker can make large.
+
+* ``/healthz``: the process is serving (the event loop answers).
+* ``/readyz``: it can open a TCP connection to upstream within the probe timeout, and it is
+  not shutting down -- so a load balancer stops sending clients to a draining proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from .metrics import Metrics
+
+log = logging.getLogger("jwtpgproxy")
+
+_MAX_HEAD = 8192
+_READ_TIMEOUT = 5.0
+_STATUS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+
+
+class AdminServer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        metrics: Metrics,
+        ready: Callable[[], Awaitable[tuple[bool, str]]],
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._metrics = metrics
+        self._ready = ready
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        # The reader's limit caps the request head: readuntil() fails beyond it.
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, limit=_MAX_HEAD
+        )
+        for sock in self._server.sockets:
+            address = sock.getsockname()
+            log.info(
+                "admin listening: address=%s port=%d paths=/metrics,/healthz,/readyz",
+                address[0],
+                address[1],
+            )
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(_READ_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            status, content_type, body, method = await self._respond(head)
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ConnectionError,
+        ):
+            writer.close()
+            return
+        payload = b"" if method == "HEAD" else body
+        writer.write(
+            f"HTTP/1.1 {status} {_STATUS[status]}\r\n"
+            f"Content-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\n"
+            "Connection: close\r\n\r\n".encode("ascii")
+            + payload
+        )
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _respond(self, head: bytes) -> tuple[int, str, bytes, str]:
+        text = "text/plain; charset=utf-8"
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return 400, text, b"bad request\n", "GET"
+        method, target = parts[0], parts[1].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return 405, text, b"method not allowed\n", "GET"
+        if target == "/metrics":
+            return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics.render(), method
+        if target == "/healthz":
+            return 200, text, b"ok\n", method
+        if target == "/readyz":
+            ok, why = await self._ready()
+            return (200 if ok else 503), text, f"{why}\n".encode(), method
+        return 404, text, b"not found\n", method

@@ -1,0 +1,72 @@
+"""Logging: one event per line, as ``name: key=value ...`` text or as JSON lines.
+
+Callers log *events* with fields (``event(log, INFO, "token accepted", user=..., ...)``), so
+the JSON format carries real fields rather than a sentence to parse. Fields never hold a
+token or a password: callers pass only what is safe, and nothing here formats arbitrary
+objects from a session.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+from typing import Any
+
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _text_value(value: object) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    if not text or any(ch in text for ch in ' "=\n'):
+        return json.dumps(text)
+    return text
+
+
+class _Event:
+    """The message of an event record, rendered only when a handler formats it."""
+
+    __slots__ = ("fields", "name")
+
+    def __init__(self, name: str, fields: dict[str, Any]) -> None:
+        self.name = name
+        self.fields = fields
+
+    def __str__(self) -> str:
+        rendered = " ".join(f"{k}={_text_value(v)}" for k, v in self.fields.items())
+        return f"{self.name}: {rendered}" if rendered else self.name
+
+
+def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
+    if logger.isEnabledFor(level):
+        logger.log(level, _Event(name, fields))
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        if isinstance(record.msg, _Event):
+            data["event"] = record.msg.name
+            data.update(record.msg.fields)
+        else:
+            data["message"] = record.getMessage()
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+def configure(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
