@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from logging import INFO
 
+from .logs import event
 from .metrics import Metrics
 
 log = logging.getLogger("jwtpgproxy")
@@ -51,10 +53,13 @@ class AdminServer:
         )
         for sock in self._server.sockets:
             address = sock.getsockname()
-            log.info(
-                "admin listening: address=%s port=%d paths=/metrics,/healthz,/readyz",
-                address[0],
-                address[1],
+            event(
+                log,
+                INFO,
+                "admin listening",
+                address=address[0],
+                port=address[1],
+                paths="/metrics,/healthz,/readyz",
             )
 
     def close(self) -> None:

@@ -13,10 +13,12 @@ import hmac
 import logging
 import secrets
 from dataclasses import dataclass, field
+from logging import WARNING
 
 from . import wire
 from .config import UpstreamTarget
 from .connection import ConnectionClosed, HandshakeProtocol
+from .logs import event
 from .upstream import connect_raw, negotiate_tls
 
 log = logging.getLogger("jwtpgproxy")
@@ -96,9 +98,9 @@ async def forward_cancel(target: UpstreamTarget, entry: CancelEntry) -> None:
             except ConnectionClosed:
                 pass
     except TimeoutError:
-        log.warning("cancel request to upstream timed out: pid=%d", entry.process_id)
+        event(log, WARNING, "cancel request to upstream timed out", pid=entry.process_id)
     except Exception as exc:  # a failed cancel must not disturb the server
-        log.warning("cancel request to upstream failed: pid=%d error=%s", entry.process_id, exc)
+        event(log, WARNING, "cancel request to upstream failed", pid=entry.process_id, error=exc)
     finally:
         if protocol is not None:
             protocol.close()

@@ -195,7 +195,7 @@ class ProxyServer:
     def _on_sigint(self) -> None:
         self._interrupts += 1
         if self._interrupts > 1:
-            log.warning("second SIGINT: exiting at once")
+            event(log, WARNING, "second SIGINT: exiting at once", sessions=len(self._tasks))
             raise SystemExit(1)
         self.request_stop("SIGINT")
 
@@ -227,7 +227,7 @@ class ProxyServer:
             await self._end_remaining()
         if self._admin is not None:
             self._admin.close()
-        log.info("shutdown complete")
+        event(log, INFO, "shutdown complete")
 
     async def _end_remaining(self) -> None:
         remaining = dict(self._tasks)

@@ -127,7 +127,8 @@ class ProxyProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"proxy exited with {self.process.returncode}: {self.log()}")
-            if "listening:" in self.log():
+            log = self.log()
+            if "listening:" in log or '"event": "listening"' in log:  # text or JSON logs
                 return self
             time.sleep(0.05)
         self.stop()

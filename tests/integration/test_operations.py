@@ -1,0 +1,385 @@
+"""Operating the proxy: limits, deadlines, signals, reload, metrics, health, logs."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import shutil
+import signal
+import socket
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from harness import Postgres, ProxyProcess, RawClient, free_port
+from test_clients import proxy_dsn
+from test_failures import bad_tokens
+
+from jwtpgproxy import wire
+from jwtpgproxy.connection import Keepalive, configure_socket
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
+        if not match or match.group(1) != name:
+            continue
+        have = ",".join(sorted((match.group(2) or "").split(","))) if match.group(2) else ""
+        if have == wanted:
+            return float(match.group(3))
+    return 0.0
+
+
+# --- Limits and deadlines -------------------------------------------------------------------
+
+
+def test_connection_limit_gives_53300_while_existing_sessions_work(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+) -> None:
+    proxy = start_proxy(MAX_CLIENT_CONNECTIONS="3")
+    dsn = proxy_dsn(proxy, "scram_user", token_for("scram_user"))
+    held = [psycopg.connect(dsn) for _ in range(3)]
+    try:
+        for _ in range(20):  # a flood past the limit
+            client = RawClient(proxy.port)
+            result = client.login("scram_user", token_for("scram_user"))
+            error = result.error()
+            assert error is not None and error["C"] == "53300"
+            assert error["M"] == "sorry, too many clients already"
+            assert b"R" not in result.tags  # refused before any password was asked
+            client.close()
+        for conn in held:  # ...while the existing sessions keep working
+            assert conn.execute("select 1").fetchone() == (1,)
+    finally:
+        for conn in held:
+            conn.close()
+    time.sleep(0.3)
+    with psycopg.connect(dsn) as conn:  # and once they leave, a new client gets in
+        assert conn.execute("select 2").fetchone() == (2,)
+
+
+def test_stalled_sockets_closed_at_deadline_while_valid_client_connects(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+) -> None:
+    proxy = start_proxy(AUTHENTICATION_TIMEOUT="2")
+    stalled = []
+    for i in range(50):
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        if i % 2:  # half send a partial startup packet, half nothing at all
+            sock.sendall(wire.startup_message({"user": "scram_user"})[:6])
+        stalled.append(sock)
+    started = time.monotonic()
+    with psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user"))) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    for sock in stalled:
+        sock.settimeout(5)
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+        sock.close()
+    assert time.monotonic() - started < 5
+    assert proxy.alive
+
+
+def test_pending_login_cap_closes_new_connections_until_deadline(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+) -> None:
+    proxy = start_proxy(MAX_PENDING_LOGINS="5", AUTHENTICATION_TIMEOUT="2")
+    stalled = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(5)]
+    time.sleep(0.3)
+    extra = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    assert extra.recv(1) == b""  # closed at once: the pending-login slots are full
+    extra.close()
+    time.sleep(2.5)  # the deadline frees the stalled slots
+    with psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user"))) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    for sock in stalled:
+        sock.close()
+    assert "too many pending logins" in proxy.log()
+
+
+def test_idle_session_timeout_ends_idle_sessions_with_57p05(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+) -> None:
+    proxy = start_proxy(IDLE_SESSION_TIMEOUT="1")
+    dsn = proxy_dsn(proxy, "scram_user", token_for("scram_user"))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # Busy for longer than the timeout is not idle: a 2 s query completes.
+        assert conn.execute("select pg_sleep(2), 1").fetchone() == ("", 1)
+        time.sleep(2)
+        with pytest.raises(psycopg.OperationalError, match="idle-session timeout"):
+            conn.execute("select 1")
+
+
+def test_keepalive_socket_options() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+
+    class Transport:
+        def get_extra_info(self, name: str) -> object:
+            return client if name == "socket" else None
+
+    configure_socket(Transport(), Keepalive(idle=42, interval=7, count=3))  # type: ignore[arg-type]
+    assert client.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 42
+    assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 7
+    assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    client.close()
+    listener.close()
+
+
+# --- Signals --------------------------------------------------------------------------------
+
+
+def test_drain_timeout_ends_spliced_sessions_with_57p01(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+) -> None:
+    """After SHUTDOWN_TIMEOUT, a session that is still open is ended by upstream itself, so
+    the client reads PostgreSQL's FATAL 57P01 instead of a cut connection."""
+    proxy = start_proxy(SHUTDOWN_TIMEOUT="1")
+    conn = psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user")))
+    conn.execute("select 1")
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(15) == 0
+    with pytest.raises(psycopg.errors.AdminShutdown):
+        conn.execute("select 1")
+    conn.close()
+    log = proxy.log()
+    assert "ending sessions after drain timeout" in log
+    assert "could not terminate" not in log
+
+
+def test_second_sigint_exits_at_once(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+) -> None:
+    proxy = start_proxy(SHUTDOWN_TIMEOUT="60")
+    conn = psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user")))
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert proxy.alive  # draining, waiting for the open session
+    started = time.monotonic()
+    proxy.process.send_signal(signal.SIGINT)
+    assert proxy.process.wait(10) != 0
+    assert time.monotonic() - started < 5
+    conn.close()
+
+
+def _write_cert(directory: Path, common_name: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def _served_common_name(port: int) -> str:
+    client = RawClient(port)
+    client.start_tls()
+    assert isinstance(client.sock, ssl.SSLSocket)
+    der = client.sock.getpeercert(binary_form=True)
+    client.close()
+    assert der is not None
+    cert = x509.load_der_x509_certificate(der)
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def test_sighup_reloads_certificate_and_keeps_sessions(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str], tmp_path: Path
+) -> None:
+    cert, key = _write_cert(tmp_path, "first")
+    metrics_port = free_port()
+    proxy = start_proxy(
+        DOWNSTREAM__CERTFILE=str(cert),
+        DOWNSTREAM__KEYFILE=str(key),
+        METRICS__PORT=str(metrics_port),
+    )
+    assert proxy.process is not None
+    assert _served_common_name(proxy.port) == "first"
+    with psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user"))) as conn:
+        staging = tmp_path / "next"
+        staging.mkdir()
+        new_cert, new_key = _write_cert(staging, "second")
+        shutil.copy(new_cert, cert)
+        shutil.copy(new_key, key)
+        proxy.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "reloaded" not in proxy.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _served_common_name(proxy.port) == "second"
+        assert conn.execute("select 1").fetchone() == (1,)  # the live session is untouched
+
+        key.write_text("not a key")  # a bad new configuration...
+        proxy.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "reload failed" not in proxy.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "reload failed" in proxy.log()
+        assert _served_common_name(proxy.port) == "second"  # ...keeps the running one
+        assert conn.execute("select 2").fetchone() == (2,)
+    _, text = http_get(metrics_port, "/metrics")
+    assert metric(text, "jwtpgproxy_config_reloads_total", result="ok") == 1
+    assert metric(text, "jwtpgproxy_config_reloads_total", result="failed") == 1
+
+
+# --- Metrics, health, logs ------------------------------------------------------------------
+
+
+def test_metrics_after_known_mix_of_logins(
+    start_proxy: Callable[..., ProxyProcess],
+    keys: dict[str, object],
+    token_for: Callable[..., str],
+) -> None:
+    metrics_port = free_port()
+    proxy = start_proxy(METRICS__PORT=str(metrics_port))
+    dsn = proxy_dsn(proxy, "scram_user", token_for("scram_user"))
+    for _ in range(3):
+        with psycopg.connect(dsn) as conn:
+            conn.execute("select repeat('x', 10000)").fetchone()
+    for token in (token_for("scram_user", ttl=-100), token_for("scram_user", key="other")):
+        RawClient(proxy.port).login("scram_user", token)
+    with psycopg.connect(dsn) as conn:
+        timer = threading.Timer(0.5, conn.cancel)
+        timer.start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("select pg_sleep(10)")
+        timer.join()
+    plain = RawClient(proxy.port)  # refused: no TLS
+    plain.login("scram_user", token_for("scram_user"), tls=False)
+    time.sleep(0.5)
+
+    status, text = http_get(metrics_port, "/metrics")
+    assert status == 200
+    assert metric(text, "jwtpgproxy_logins_total", outcome="success", reason="ok") == 4
+    assert metric(text, "jwtpgproxy_logins_total", outcome="failure", reason="expired") == 1
+    assert metric(text, "jwtpgproxy_logins_total", outcome="failure", reason="signature") == 1
+    assert (
+        metric(text, "jwtpgproxy_logins_total", outcome="failure", reason="encryption_required")
+        == 1
+    )
+    assert metric(text, "jwtpgproxy_cancel_requests_total", result="forwarded") == 1
+    assert metric(text, "jwtpgproxy_upstream_login_seconds_count") == 4
+    assert metric(text, "jwtpgproxy_client_connections_total") == 8  # 4 + 2 + cancel + plain
+    assert metric(text, "jwtpgproxy_client_connections_open") == 0
+    assert metric(text, "jwtpgproxy_client_bytes_total", direction="to_client") > 30000
+    assert metric(text, "jwtpgproxy_client_bytes_total", direction="from_client") > 0
+    # Bounded label values only: no user name, token or address in any label.
+    assert "scram_user" not in text and "127.0.0.1" not in text and "eyJ" not in text
+
+
+def test_healthz_and_readyz(
+    start_proxy: Callable[..., ProxyProcess], pg: Postgres, token_for: Callable[..., str]
+) -> None:
+    metrics_port = free_port()
+    proxy = start_proxy(METRICS__PORT=str(metrics_port), SHUTDOWN_TIMEOUT="10")
+    assert http_get(metrics_port, "/healthz") == (200, "ok\n")
+    assert http_get(metrics_port, "/readyz") == (200, "ready\n")
+    assert http_get(metrics_port, "/nope")[0] == 404
+    # Not ready while draining (a session holds the shutdown open).
+    conn = psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user")))
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    status, body = http_get(metrics_port, "/readyz")
+    assert (status, body) == (503, "shutting down\n")
+    assert http_get(metrics_port, "/healthz")[0] == 200
+    conn.close()
+    assert proxy.process.wait(10) == 0
+
+    down_metrics = free_port()
+    down = start_proxy(
+        METRICS__PORT=str(down_metrics),
+        UPSTREAM__HOST="127.0.0.1",
+        UPSTREAM__PORT=str(free_port()),
+        UPSTREAM__SSLMODE="disable",
+        UPSTREAM__SSLROOTCERT=None,
+    )
+    status, body = http_get(down_metrics, "/readyz")
+    assert status == 503 and body.startswith("upstream not reachable")
+    assert http_get(down_metrics, "/healthz")[0] == 200
+    assert down.alive
+
+
+def test_admin_listener_rejects_junk(start_proxy: Callable[..., ProxyProcess]) -> None:
+    metrics_port = free_port()
+    proxy = start_proxy(METRICS__PORT=str(metrics_port))
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as sock:
+        sock.sendall(b"X" * 20000)  # no end of head within the 8 KiB cap
+        assert sock.recv(100) == b""
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as sock:
+        sock.sendall(b"POST /metrics HTTP/1.1\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 405")
+    assert http_get(metrics_port, "/healthz")[0] == 200
+    assert proxy.alive
+
+
+def test_json_logs_hold_fields_and_no_secrets(
+    start_proxy: Callable[..., ProxyProcess],
+    pg: Postgres,
+    keys: dict[str, object],
+    token_for: Callable[..., str],
+) -> None:
+    proxy = start_proxy(LOG_FORMAT="json", LOG_LEVEL="DEBUG")
+    good = token_for("scram_user")
+    with psycopg.connect(proxy_dsn(proxy, "scram_user", good)) as conn:
+        conn.execute("select 1")
+    bad = bad_tokens(keys, token_for)  # type: ignore[arg-type]
+    for token in bad.values():
+        RawClient(proxy.port).login("scram_user", token)
+    assert proxy.stop() == 0
+    lines = proxy.log().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    events = {r.get("event") for r in records}
+    assert {"listening", "connection received", "token accepted", "upstream login"} <= events
+    accepted = next(r for r in records if r.get("event") == "token accepted")
+    assert accepted["user"] == "scram_user" and accepted["alg"] == "EdDSA"
+    failures = [r for r in records if r.get("event") == "authentication failed"]
+    assert len(failures) == len(bad)
+    text = proxy.log()
+    for token in [good, *[t for t in bad.values() if len(t) > 10]]:
+        assert token not in text
+    assert pg.password not in text
+    assert "Traceback" not in text
