@@ -1,4 +1,5 @@
-"""Container packaging: Dockerfile, .dockerignore, docker-compose.yml and docker/ helpers.
+"""Container packaging: Dockerfile, .dockerignore, docker-compose.yml, docker/ helpers and the
+Kubernetes examples in deploy/kubernetes/.
 
 No Docker engine is needed: the files are parsed and checked against the package itself
 (``jwtpgproxy.config.Settings`` and ``pyproject.toml``), so a renamed or new setting, a
@@ -7,10 +8,18 @@ without containers: the "certs" service's script runs for real into temporary "v
 the "token" service's command mints a token, the "proxy" service's entrypoint exports the
 public key, and the proxy's environment is loaded into a real ``Runtime`` that must accept
 that token and complete a TLS handshake that trusts the generated certificate.
+
+The Dockerfile's HEALTHCHECK command is run for real against a small HTTP server. The
+Kubernetes manifests are loaded with each proxy container's environment resolved (image
+ENV, values, ConfigMap/Secret references) into a real ``Settings``, against which probes,
+Service ports, grace periods and mounted files are checked.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import http.server
 import json
 import os
 import posixpath
@@ -22,21 +31,26 @@ import ssl
 import stat
 import subprocess
 import sys
+import threading
 import tomllib
 import typing
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from pydantic import BaseModel, SecretStr
 
+import jwtpgproxy.server
 from jwtpgproxy.config import Settings, build_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"
+KUBERNETES = ROOT / "deploy" / "kubernetes"
 PYPROJECT = ROOT / "pyproject.toml"
 CHECKED_SERVICES = ("proxy", "token")  # services that run the proxy's settings code
 
@@ -237,7 +251,7 @@ def test_dockerfile_env_are_settings(dockerfile: list[tuple[str, str]]) -> None:
     assert [name for name in names if not setting_accepted(name)] == []
 
 
-def test_dockerfile_expose_matches_downstream_port(final_stage: list[tuple[str, str]]) -> None:
+def test_dockerfile_expose_matches_listeners(final_stage: list[tuple[str, str]]) -> None:
     env = {name.upper(): value for name, value in _image_env(final_stage).items()}
     exposed = {
         port.split("/")[0]
@@ -245,8 +259,10 @@ def test_dockerfile_expose_matches_downstream_port(final_stage: list[tuple[str, 
         if keyword == "EXPOSE"
         for port in rest.split()
     }
-    assert exposed == {env["DOWNSTREAM__PORT"]}
-    assert env.get("DOWNSTREAM__IP") == "0.0.0.0"  # reachable from outside the container
+    assert exposed == {env["DOWNSTREAM__PORT"], env["METRICS__PORT"]}
+    # Reachable from outside the container: clients, and scrapers / Kubernetes probes.
+    assert env.get("DOWNSTREAM__IP") == "0.0.0.0"
+    assert env.get("METRICS__HOST") == "0.0.0.0"
 
 
 def test_dockerfile_runs_as_non_root(final_stage: list[tuple[str, str]]) -> None:
@@ -293,20 +309,92 @@ def test_dockerfile_base_image_and_labels(
     assert version in ([], [pyproject["project"]["version"]])
 
 
-def test_dockerfile_healthcheck_probes_listener(final_stage: list[tuple[str, str]]) -> None:
-    (healthcheck,) = [rest for keyword, rest in final_stage if keyword == "HEALTHCHECK"]
-    _, command = _flags(healthcheck)
-    assert command.startswith("CMD ")
-    argv = json.loads(command[4:])
-    assert argv[0] in {"python", "python3"}
-    argv[0] = sys.executable
+def _healthcheck(stage: list[tuple[str, str]]) -> tuple[dict[str, str], list[str]]:
+    (healthcheck,) = [rest for keyword, rest in stage if keyword == "HEALTHCHECK"]
+    flags, command = _flags(healthcheck)
+    assert command.startswith("CMD "), "exec form, not NONE or a shell string"
+    return flags, json.loads(command[4:])
+
+
+def test_dockerfile_healthcheck_checks_healthz(final_stage: list[tuple[str, str]]) -> None:
+    flags, argv = _healthcheck(final_stage)
+    assert argv[:2] in (["python", "-c"], ["python3", "-c"])  # the image's own interpreter
+    code = argv[2]
+    assert "/healthz" in code  # liveness, not /readyz: a down database is not a sick proxy
+    assert "METRICS__PORT" in code  # follows the setting, whatever port it is given
+    assert "METRICS__PORT" in {name.upper() for name in _image_env(final_stage)}
+    for name in ("interval", "timeout", "start-period"):
+        assert _duration(flags[name]) > 0, name
+
+
+class _HealthServer(http.server.ThreadingHTTPServer):
+    status = 200
+    paths: list[str]
+
+
+class _HealthHandler(http.server.BaseHTTPRequestHandler):
+    server: _HealthServer
+
+    def do_GET(self) -> None:
+        self.server.paths.append(self.path)
+        self.send_response(self.server.status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _http_server(status: int) -> Iterator[_HealthServer]:
+    server = _HealthServer(("127.0.0.1", 0), _HealthHandler)
+    server.status, server.paths = status, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _free_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        port = listener.getsockname()[1]
-        env = {**os.environ, "DOWNSTREAM__IP": "0.0.0.0", "DOWNSTREAM__PORT": str(port)}
-        assert subprocess.run(argv, env=env, timeout=30).returncode == 0
-    # The listener is closed now: the probe must fail.
-    env = {**os.environ, "DOWNSTREAM__IP": "127.0.0.1", "DOWNSTREAM__PORT": str(port)}
-    assert subprocess.run(argv, env=env, timeout=30, stderr=subprocess.DEVNULL).returncode != 0
+        return int(listener.getsockname()[1])  # closed again: nothing listens there
+
+
+@pytest.mark.parametrize("metrics_host", ["0.0.0.0", "127.0.0.1"])
+@pytest.mark.parametrize(
+    ("status", "healthy"), [(200, True), (204, False), (404, False), (503, False)]
+)
+def test_dockerfile_healthcheck_runs(
+    final_stage: list[tuple[str, str]], metrics_host: str, status: int, healthy: bool
+) -> None:
+    _, argv = _healthcheck(final_stage)
+    argv = [sys.executable, *argv[1:]]
+    env = {k: v for k, v in os.environ.items() if not setting_accepted(k)}
+    env.update(_image_env(final_stage))
+    env["METRICS__HOST"] = metrics_host
+    # A proxy in the environment must not be used for the loopback probe.
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        env[name] = f"http://127.0.0.1:{_free_port()}"
+    env.pop("NO_PROXY", None)
+    env.pop("no_proxy", None)
+    with _http_server(status) as server:
+        env["METRICS__PORT"] = str(server.server_address[1])
+        ran = subprocess.run(argv, env=env, timeout=30, capture_output=True, text=True)
+    assert (ran.returncode == 0) is healthy, ran.stderr
+    assert server.paths == ["/healthz"]
+
+
+def test_dockerfile_healthcheck_fails_without_listener(final_stage: list[tuple[str, str]]) -> None:
+    _, argv = _healthcheck(final_stage)
+    env = {k: v for k, v in os.environ.items() if not setting_accepted(k)}
+    env.update(_image_env(final_stage))
+    env["METRICS__PORT"] = str(_free_port())
+    ran = subprocess.run([sys.executable, *argv[1:]], env=env, timeout=30, capture_output=True)
+    assert ran.returncode != 0
 
 
 # --- .dockerignore ------------------------------------------------------------------------
@@ -458,18 +546,67 @@ def test_compose_proxy_sets_required_settings(compose: dict[str, Any]) -> None:
     assert any(name.startswith("public_keys" + delimiter) for name in names)
 
 
-def test_compose_proxy_port_matches_downstream_port(compose: dict[str, Any]) -> None:
+def _port_mappings(service: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(host_ip, container port) of each published port."""
+    mappings = []
+    for mapping in service.get("ports") or []:
+        if isinstance(mapping, Mapping):
+            target, host_ip = str(mapping["target"]), str(mapping.get("host_ip", ""))
+        else:
+            spec = interpolate(str(mapping)).split("/")[0]
+            target = spec.rsplit(":", 1)[-1]
+            host_ip = spec.rsplit(":", 2)[0] if spec.count(":") >= 2 else ""
+        mappings.append((host_ip, target))
+    return mappings
+
+
+def test_compose_proxy_port_matches_downstream_port(
+    compose: dict[str, Any], final_stage: list[tuple[str, str]]
+) -> None:
     proxy = compose["services"]["proxy"]
-    port = interpolate(str(service_env(proxy)["DOWNSTREAM__PORT"]))
-    (mapping,) = proxy["ports"]
-    if isinstance(mapping, Mapping):
-        target, host_ip = str(mapping["target"]), str(mapping.get("host_ip", ""))
-    else:
-        spec = str(mapping).split("/")[0]
-        target = spec.rsplit(":", 1)[-1]
-        host_ip = spec.rsplit(":", 2)[0] if spec.count(":") >= 2 else ""
-    assert target == port
-    assert host_ip in {"127.0.0.1", "[::1]", "::1"}, "publish the demo on loopback only"
+    env = {k.upper(): v for k, v in _image_env(final_stage).items()}
+    env.update({k.upper(): interpolate(v or "") for k, v in service_env(proxy).items()})
+    mappings = _port_mappings(proxy)
+    assert env["DOWNSTREAM__PORT"] in [target for _, target in mappings]
+    for host_ip, target in mappings:
+        assert target in {env["DOWNSTREAM__PORT"], env["METRICS__PORT"]}, target
+        assert host_ip in {"127.0.0.1", "[::1]", "::1"}, "publish the demo on loopback only"
+
+
+def _duration(value: str) -> float:
+    """A Docker / compose duration ("1m30s", "35s", "500ms") in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(us|ms|h|m|s)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"bad duration {value!r}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+#: After SHUTDOWN_TIMEOUT the proxy ends the remaining sessions (pg_terminate_backend) and
+#: waits this long more at worst (server.py: the terminate grace, then 2 s for the tasks).
+AFTER_DRAIN_SECONDS = float(getattr(jwtpgproxy.server, "_TERMINATE_GRACE_SECONDS", 5.0)) + 2.0
+SHUTDOWN_TIMEOUT_DEFAULT = float(Settings.model_fields["shutdown_timeout"].default)
+
+
+def test_compose_proxy_stops_within_grace_period(compose: dict[str, Any]) -> None:
+    proxy = compose["services"]["proxy"]
+    shutdown = interpolate(service_env(proxy).get("SHUTDOWN_TIMEOUT") or "")
+    shutdown_timeout = float(shutdown) if shutdown else SHUTDOWN_TIMEOUT_DEFAULT
+    grace = _duration(str(proxy.get("stop_grace_period", "10s")))
+    assert grace > shutdown_timeout + AFTER_DRAIN_SECONDS, "SIGKILL would cut the drain short"
+
+
+def test_compose_proxy_health_check_is_healthz(
+    compose: dict[str, Any], final_stage: list[tuple[str, str]]
+) -> None:
+    proxy = compose["services"]["proxy"]
+    healthcheck = proxy.get("healthcheck") or {}
+    assert not healthcheck.get("disable")
+    test = healthcheck.get("test")
+    if test:  # otherwise the image's HEALTHCHECK (tested above)
+        assert "/healthz" in (test if isinstance(test, str) else " ".join(test))
+    env = {k.upper(): v for k, v in _image_env(final_stage).items()}
+    env.update({k.upper(): interpolate(v or "") for k, v in service_env(proxy).items()})
+    assert env.get("METRICS__PORT", "").isdigit(), "the health check needs the HTTP listener"
 
 
 def test_compose_upstream_is_a_healthy_service(compose: dict[str, Any]) -> None:
@@ -662,3 +799,368 @@ def test_compose_demo_replayed(
     assert runtime.downstream_ssl_context is not None
     client = ssl.create_default_context(cafile=str(keys / "server.crt"))
     _handshake(client, runtime.downstream_ssl_context, "localhost")
+
+
+# --- Kubernetes examples (deploy/kubernetes/) -------------------------------------------------
+
+Manifest = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def manifests() -> list[tuple[str, Manifest]]:
+    """(file, object) for every YAML document under deploy/kubernetes/."""
+    yaml = pytest.importorskip("yaml")
+    objects = []
+    for path in sorted([*KUBERNETES.rglob("*.yaml"), *KUBERNETES.rglob("*.yml")]):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document is not None:
+                assert isinstance(document, dict) and "kind" in document, path
+                objects.append((str(path.relative_to(KUBERNETES)), document))
+    assert objects, "expected example manifests under deploy/kubernetes/"
+    return objects
+
+
+def _find(objects: list[tuple[str, Manifest]], kind: str, name: str) -> Manifest | None:
+    for _, obj in objects:
+        if obj["kind"] == kind and obj.get("metadata", {}).get("name") == name:
+            return obj
+    return None
+
+
+def _object_data(obj: Manifest) -> dict[str, str]:
+    """A Secret's or ConfigMap's keys and (decoded) values."""
+    data = {k: str(v) for k, v in (obj.get("stringData") or {}).items()}
+    for field in ("data", "binaryData"):
+        for key, value in (obj.get(field) or {}).items():
+            encoded = obj["kind"] == "Secret" or field == "binaryData"
+            data.setdefault(key, base64.b64decode(value).decode() if encoded else str(value))
+    return data
+
+
+def _pod_templates(obj: Manifest) -> list[Manifest]:
+    """The pod template(s) ({"metadata", "spec"}) of a workload object."""
+    kind, spec = obj["kind"], obj.get("spec") or {}
+    if kind == "Pod":
+        return [obj]
+    if kind == "CronJob":
+        return [spec["jobTemplate"]["spec"]["template"]]
+    if kind in {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}:
+        return [spec["template"]]
+    return []
+
+
+def _image_repository(image: str) -> str:
+    image = image.split("@", 1)[0]
+    name, _, tag = image.rpartition(":")
+    if name and "/" not in tag:
+        image = name
+    return image.rsplit("/", 1)[-1]
+
+
+def _container_env(container: Manifest, objects: list[tuple[str, Manifest]]) -> dict[str, str]:
+    """The container's own environment, with ConfigMap/Secret references resolved."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom") or []:
+        for ref_name, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
+            if ref_name in source:
+                obj = _find(objects, kind, source[ref_name]["name"])
+                assert obj is not None, f"envFrom: no {kind} {source[ref_name]['name']}"
+                prefix = source.get("prefix", "")
+                env.update({prefix + k: v for k, v in _object_data(obj).items()})
+    for item in container.get("env") or []:
+        value_from = item.get("valueFrom")
+        if value_from is None:
+            env[item["name"]] = str(item.get("value", ""))
+            continue
+        for ref_name, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
+            if ref_name in value_from:
+                ref = value_from[ref_name]
+                obj = _find(objects, kind, ref["name"])
+                if obj is not None and ref["key"] in _object_data(obj):
+                    env[item["name"]] = _object_data(obj)[ref["key"]]
+        env.setdefault(item["name"], "x")  # fieldRef etc.: some value at run time
+    return env
+
+
+def _settings_from(env: Mapping[str, str]) -> Settings:
+    with mock.patch.dict(os.environ, env, clear=True):
+        return Settings()  # type: ignore[call-arg]
+
+
+@dataclass
+class ProxyContainer:
+    where: str  # "file: Kind/name/container" for messages
+    pod: Manifest  # the pod template
+    container: Manifest
+    env: dict[str, str]  # the image's ENV overlaid with the container's
+    settings: Settings
+
+    @property
+    def spec(self) -> Manifest:
+        return dict(self.pod.get("spec") or {})
+
+
+@pytest.fixture(scope="module")
+def proxy_containers(
+    manifests: list[tuple[str, Manifest]],
+    final_stage: list[tuple[str, str]],
+    pyproject: dict[str, Any],
+) -> list[ProxyContainer]:
+    image_env = _image_env(final_stage)
+    found = []
+    for file, obj in manifests:
+        for pod in _pod_templates(obj):
+            for container in (pod.get("spec") or {}).get("containers") or []:
+                if _image_repository(container["image"]) != pyproject["project"]["name"]:
+                    continue
+                where = f"{file}: {obj['kind']}/{obj['metadata']['name']}/{container['name']}"
+                env = {**image_env, **_container_env(container, manifests)}
+                try:
+                    settings = _settings_from(env)
+                except Exception as exc:  # a pydantic ValidationError, with the variable
+                    raise AssertionError(f"{where}: settings do not load: {exc}") from None
+                found.append(ProxyContainer(where, pod, container, env, settings))
+    assert found, "no container runs the proxy image in deploy/kubernetes/"
+    return found
+
+
+def _container_port(container: Manifest, port: int | str) -> int | None:
+    if isinstance(port, int) or str(port).isdigit():
+        return int(port)
+    numbers = [p["containerPort"] for p in container.get("ports") or [] if p.get("name") == port]
+    return numbers[0] if len(numbers) == 1 else None
+
+
+def test_kubernetes_env_are_settings(proxy_containers: list[ProxyContainer]) -> None:
+    for proxy in proxy_containers:
+        names = [item["name"] for item in proxy.container.get("env") or []]
+        assert [name for name in names if not setting_accepted(name)] == [], proxy.where
+        assert len({name.upper() for name in names}) == len(names), f"{proxy.where}: duplicate"
+        keys = [k for k in proxy.env if k.upper().startswith("PUBLIC_KEYS__")]
+        assert keys, f"{proxy.where}: no PUBLIC_KEYS__<i>"
+
+
+def test_kubernetes_passwords_come_from_secrets(proxy_containers: list[ProxyContainer]) -> None:
+    for proxy in proxy_containers:
+        for item in proxy.container.get("env") or []:
+            if _is_secret(item["name"]) or "password" in item["name"].lower():
+                assert "secretKeyRef" in (item.get("valueFrom") or {}), proxy.where
+
+
+def test_kubernetes_probes_use_the_metrics_port(proxy_containers: list[ProxyContainer]) -> None:
+    for proxy in proxy_containers:
+        metrics = proxy.settings.metrics
+        assert metrics.port, f"{proxy.where}: METRICS__PORT must be set for the probes"
+        # The kubelet probes the pod IP: a loopback-only listener would fail every probe.
+        assert metrics.host in {"0.0.0.0", "::"}, proxy.where
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            http_get = (proxy.container.get(probe) or {}).get("httpGet")
+            assert http_get, f"{proxy.where}: {probe} must be an httpGet"
+            assert http_get["path"] == path, f"{proxy.where}: {probe}"
+            assert http_get.get("scheme", "HTTP") == "HTTP", f"{proxy.where}: {probe}"
+            port = _container_port(proxy.container, http_get["port"])
+            assert port == metrics.port, f"{proxy.where}: {probe} port {http_get['port']}"
+        annotations = (proxy.pod.get("metadata") or {}).get("annotations") or {}
+        if "prometheus.io/port" in annotations:
+            assert annotations["prometheus.io/port"] == str(metrics.port), proxy.where
+            assert annotations.get("prometheus.io/path", "/metrics") == "/metrics", proxy.where
+
+
+def test_kubernetes_container_ports_match_settings(proxy_containers: list[ProxyContainer]) -> None:
+    for proxy in proxy_containers:
+        declared = {p["containerPort"] for p in proxy.container.get("ports") or []}
+        assert declared == {proxy.settings.downstream.port, proxy.settings.metrics.port}
+        assert proxy.settings.downstream.ip not in {"127.0.0.1", "::1"}, proxy.where
+
+
+def test_kubernetes_services_reach_the_proxy(
+    manifests: list[tuple[str, Manifest]], proxy_containers: list[ProxyContainer]
+) -> None:
+    """A Service in front of a proxy pod: 5432 -> DOWNSTREAM__PORT; nothing past the proxy."""
+    checked = 0
+    for file, service in manifests:
+        if service["kind"] != "Service" or not service["spec"].get("selector"):
+            continue
+        selector = service["spec"]["selector"]
+        for proxy in proxy_containers:
+            labels = (proxy.pod.get("metadata") or {}).get("labels") or {}
+            if not selector.items() <= labels.items():
+                continue
+            where = f"{file}: Service/{service['metadata']['name']} -> {proxy.where}"
+            proxy_ports = {proxy.settings.downstream.port, proxy.settings.metrics.port}
+            for port in service["spec"]["ports"]:
+                target = port.get("targetPort", port["port"])
+                number = _container_port(proxy.container, target)
+                # Every port leads to the proxy: PostgreSQL in the same pod stays behind it.
+                assert number in proxy_ports, f"{where}: port {port['port']} -> {target}"
+                if port["port"] == 5432:
+                    assert number == proxy.settings.downstream.port, where
+                    checked += 1
+    assert checked, "no Service exposes a proxy on port 5432"
+
+
+def _image_uid(stage: list[tuple[str, str]]) -> int:
+    users = [rest for keyword, rest in stage if keyword == "USER"]
+    uid = users[-1].partition(":")[0]
+    assert uid.isdigit(), "a numeric USER, so that runAsNonRoot can verify it"
+    return int(uid)
+
+
+def test_kubernetes_security_context(
+    proxy_containers: list[ProxyContainer], final_stage: list[tuple[str, str]]
+) -> None:
+    for proxy in proxy_containers:
+        pod_context = proxy.spec.get("securityContext") or {}
+        context = {
+            **{k: v for k, v in pod_context.items() if k.startswith("run")},
+            **(proxy.container.get("securityContext") or {}),
+        }
+        assert context.get("runAsNonRoot") is True, proxy.where
+        assert context.get("runAsUser") == _image_uid(final_stage), proxy.where
+        assert context.get("allowPrivilegeEscalation") is False, proxy.where
+        assert context.get("readOnlyRootFilesystem") is True, proxy.where
+        assert not context.get("privileged"), proxy.where
+        assert "ALL" in (context.get("capabilities") or {}).get("drop", []), proxy.where
+
+
+def _pre_stop_seconds(container: Manifest) -> float:
+    pre_stop = (container.get("lifecycle") or {}).get("preStop") or {}
+    if "sleep" in pre_stop:
+        return float(pre_stop["sleep"]["seconds"])
+    command = (pre_stop.get("exec") or {}).get("command") or []
+    if len(command) == 2 and posixpath.basename(command[0]) == "sleep":
+        return float(command[1])
+    assert not pre_stop, f"unrecognised preStop hook {pre_stop}"
+    return 0.0
+
+
+def test_kubernetes_grace_period_outlasts_the_drain(
+    proxy_containers: list[ProxyContainer],
+) -> None:
+    for proxy in proxy_containers:
+        grace = proxy.spec.get("terminationGracePeriodSeconds", 30)
+        needed = _pre_stop_seconds(proxy.container) + proxy.settings.shutdown_timeout
+        assert grace > needed + AFTER_DRAIN_SECONDS, f"{proxy.where}: SIGKILL cuts the drain"
+
+
+def test_kubernetes_runs_the_console_script(
+    proxy_containers: list[ProxyContainer], console_script: str
+) -> None:
+    for proxy in proxy_containers:
+        command = [str(c) for c in proxy.container.get("command") or []]
+        args = [str(a) for a in proxy.container.get("args") or []]
+        if not command:
+            assert args == [], f"{proxy.where}: arguments make the console script a sub-command"
+            continue
+        if posixpath.basename(command[0]) == console_script:
+            assert command[1:] + args == [], proxy.where
+            continue
+        # A shell wrapper must exec the daemon, so that SIGTERM reaches it.
+        text = " ".join(command + args)
+        assert re.search(rf"\bexec\s+{re.escape(console_script)}\b", text), proxy.where
+
+
+def _references(node: Any) -> Iterator[tuple[str, str, str | None, bool]]:
+    """(kind, name, key or None, optional) of every Secret/ConfigMap reference in ``node``."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _references(item)
+        return
+    if not isinstance(node, Mapping):
+        return
+    for field, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
+        if field in node:
+            ref = node[field]
+            yield kind, ref["name"], ref["key"], bool(ref.get("optional"))
+    for field, kind in (("secretRef", "Secret"), ("configMapRef", "ConfigMap")):
+        if field in node:
+            yield kind, node[field]["name"], None, bool(node[field].get("optional"))
+    for field, kind, name_field in (
+        ("secret", "Secret", "secretName"),  # volume
+        ("secret", "Secret", "name"),  # projected volume source
+        ("configMap", "ConfigMap", "name"),
+    ):
+        source = node.get(field)
+        if isinstance(source, Mapping) and name_field in source:
+            optional = bool(source.get("optional"))
+            yield kind, source[name_field], None, optional
+            for item in source.get("items") or []:
+                yield kind, source[name_field], item["key"], optional
+    for value in node.values():
+        yield from _references(value)
+
+
+def test_kubernetes_references_resolve(manifests: list[tuple[str, Manifest]]) -> None:
+    seen = 0
+    for file, obj in manifests:
+        for kind, name, key, optional in _references(obj.get("spec")):
+            seen += 1
+            target = _find(manifests, kind, name)
+            if optional and target is None:
+                continue
+            assert target is not None, f"{file}: no {kind} {name!r} in deploy/kubernetes/"
+            if key is not None:
+                assert key in _object_data(target), f"{file}: {kind} {name!r} has no key {key!r}"
+    assert seen, "expected Secret/ConfigMap references"
+
+
+def test_kubernetes_files_are_mounted(
+    proxy_containers: list[ProxyContainer], manifests: list[tuple[str, Manifest]]
+) -> None:
+    """DOWNSTREAM__CERTFILE etc. lie on a read-only mount of a Secret/ConfigMap with that key."""
+    for proxy in proxy_containers:
+        volumes = {v["name"]: v for v in proxy.spec.get("volumes") or []}
+        settings = proxy.settings
+        paths = [settings.downstream.certfile, settings.downstream.keyfile]
+        paths.append(settings.upstream.sslrootcert)
+        for path in [str(p) for p in paths if p is not None]:
+            mounts = [
+                m
+                for m in proxy.container.get("volumeMounts") or []
+                if path.startswith(m["mountPath"].rstrip("/") + "/") or path == m["mountPath"]
+            ]
+            assert mounts, f"{proxy.where}: {path} is on no volume"
+            mount = max(mounts, key=lambda m: len(m["mountPath"]))
+            assert mount.get("readOnly") is True, f"{proxy.where}: {mount['mountPath']}"
+            volume = volumes[mount["name"]]
+            key = mount.get("subPath") or path[len(mount["mountPath"].rstrip("/")) + 1 :]
+            for field, kind, name_field in (
+                ("secret", "Secret", "secretName"),
+                ("configMap", "ConfigMap", "name"),
+            ):
+                if field in volume:
+                    items = volume[field].get("items")
+                    if items:
+                        (key,) = [i["key"] for i in items if i.get("path", i["key"]) == key]
+                    obj = _find(manifests, kind, volume[field][name_field])
+                    assert obj is not None and key in _object_data(obj), f"{proxy.where}: {path}"
+                    break
+            else:
+                raise AssertionError(f"{proxy.where}: {path} is not from a Secret/ConfigMap")
+
+
+def test_kubernetes_secrets_are_placeholders(manifests: list[tuple[str, Manifest]]) -> None:
+    for file, obj in manifests:
+        if obj["kind"] == "Secret":
+            for key, value in _object_data(obj).items():
+                assert "REPLACE-ME" in value, f"{file}: Secret {obj['metadata']['name']}/{key}"
+
+
+def test_kubernetes_kustomization(
+    manifests: list[tuple[str, Manifest]], pyproject: dict[str, Any]
+) -> None:
+    kustomizations = [(file, obj) for file, obj in manifests if obj["kind"] == "Kustomization"]
+    for file, kustomization in kustomizations:
+        base = KUBERNETES / posixpath.dirname(file)
+        for resource in kustomization.get("resources") or []:
+            assert (base / resource).exists(), f"{file}: {resource}"
+        for image in kustomization.get("images") or []:
+            assert image["name"] == pyproject["project"]["name"], file
+        kubectl = shutil.which("kubectl")
+        if kubectl is not None:  # "kubectl kustomize" works offline
+            subprocess.run(
+                [kubectl, "kustomize", str(base)], check=True, capture_output=True, timeout=60
+            )
+    readme = (KUBERNETES / "README.md").read_text()
+    for path in sorted({file for file, _ in manifests}):
+        assert f"`{path}`" in readme, f"deploy/kubernetes/README.md does not mention {path}"
