@@ -111,6 +111,9 @@ Event = NeedData | Reply | StartTLS | CancelReceived | PasswordRequested | Passw
 
 
 _REPLICATION_OFF = frozenset({"false", "off", "no", "0"})
+#: PostgreSQL names are at most NAMEDATALEN - 1 = 63 bytes; ProcessStartupPacket() silently
+#: truncates longer user and database names.
+MAX_NAME_BYTES = 63
 
 
 class FrontendHandshake:
@@ -227,6 +230,15 @@ class FrontendHandshake:
                 "no user name in startup packet",
                 client_message="no PostgreSQL user name specified in startup packet",
             )
+        for what, name in (("user", startup.user), ("database", startup.database)):
+            if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+                # PostgreSQL would truncate it and log in as (or open) a *different* name
+                # than the one the token was checked against -- e.g. the role named by its
+                # first 63 bytes. Refuse instead.
+                raise InvalidAuthorization(
+                    f"{what} name longer than {MAX_NAME_BYTES} bytes",
+                    client_message=f"{what} name is longer than {MAX_NAME_BYTES} bytes",
+                )
         replication = startup.parameters.get("replication")
         if (
             replication is not None

@@ -588,3 +588,20 @@ def test_fuzz_only_client_errors(mode: DownstreamSSLMode, chunks: list[bytes]) -
         except ClientError:
             assert hs.state is State.FAILED
             return
+
+
+@pytest.mark.parametrize("field", ["user", "database"])
+def test_names_postgresql_would_truncate_are_refused(field: str) -> None:
+    """NAMEDATALEN: PostgreSQL truncates user and database names to 63 bytes, so a token
+    checked against the full name would open a different role or database."""
+    params = {"user": "alice", "database": "db"}
+    params[field] = "é" * 32  # 64 bytes in UTF-8, 32 characters
+    hs = over_tls()
+    hs.receive_data(startup(params))
+    with pytest.raises(InvalidAuthorization) as info:
+        hs.next_event()
+    assert info.value.sqlstate == "28000"
+    params[field] = "a" * 63  # exactly the limit is fine
+    hs = over_tls()
+    hs.receive_data(startup(params))
+    assert isinstance(hs.next_event(), PasswordRequested)
