@@ -6,6 +6,7 @@ would refuse to produce them. References: RFC 7515 (JWS), RFC 7519 (JWT), RFC 87
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
@@ -25,13 +26,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jwtpgproxy.errors import ConfigError
+from jwtpgproxy.revocation import RevocationList
 from jwtpgproxy.tokens import (
+    ClaimPolicy,
+    HmacSecret,
     Identity,
     Rejection,
     TokenPolicy,
     TokenRejected,
     TokenVerifier,
     VerificationKey,
+    load_hmac_secret,
     load_verification_key,
 )
 
@@ -577,6 +582,12 @@ def test_rejection_values_are_fixed() -> None:
         "claims",
         "audience",
         "subject_mismatch",
+        "issuer",
+        "tenant",
+        "scope",
+        "database",
+        "lifetime",
+        "revoked",
     }
 
 
@@ -753,3 +764,296 @@ def test_fuzz_structured_tokens_signed(
         return
     assert identity.role == "alice"
     assert header.get("alg") == "EdDSA"
+
+
+# --- HMAC secrets (configured explicitly; RFC 8725 3.1, RFC 7518 3.2) -------------------------
+
+SECRET32 = b"k" * 32
+SECRET64 = bytes(range(64))
+
+
+def hs_token(secret: bytes, alg: str = "HS256", kid: str | None = None, **extra: Any) -> str:
+    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
+    header: dict[str, Any] = {"alg": alg, "typ": "JWT"}
+    if kid is not None:
+        header["kid"] = kid
+    return craft(header, claims(**extra), lambda s: hmac.new(secret, s, digest).digest())
+
+
+def hs_verifier(*secrets: HmacSecret, keys: tuple[VerificationKey, ...] = ()) -> TokenVerifier:
+    return TokenVerifier(keys, TokenPolicy(), hmac_secrets=secrets)
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+def test_hmac_secret_verifies(alg: str) -> None:
+    secret = HmacSecret("TOKEN__HMAC_SECRETS__0", SECRET64)
+    identity = hs_verifier(secret).verify(hs_token(SECRET64, alg), "alice", now=NOW)
+    assert (identity.algorithm, identity.key_name) == (alg, "TOKEN__HMAC_SECRETS__0")
+
+
+def test_hmac_pyjwt_interop() -> None:
+    token = jwt.encode(claims(), SECRET32, algorithm="HS256")
+    assert hs_verifier(HmacSecret("S", SECRET32)).verify(token, "alice", now=NOW).role == "alice"
+
+
+def test_hmac_wrong_secret() -> None:
+    v = hs_verifier(HmacSecret("S", SECRET32))
+    reject(v, hs_token(b"j" * 32), Rejection.SIGNATURE)
+
+
+@pytest.mark.parametrize(
+    ("length", "algorithms"),
+    [(32, {"HS256"}), (47, {"HS256"}), (48, {"HS256", "HS384"}), (64, {"HS256", "HS384", "HS512"})],
+)
+def test_hmac_algorithms_follow_secret_length(length: int, algorithms: set[str]) -> None:
+    assert HmacSecret("S", b"x" * length).algorithms == algorithms
+
+
+def test_hmac_short_secret_cannot_do_hs512() -> None:
+    v = hs_verifier(HmacSecret("S", SECRET32))
+    reject(v, hs_token(SECRET32, "HS512"), Rejection.ALGORITHM)
+
+
+@pytest.mark.parametrize("length", [0, 1, 16, 31])
+def test_hmac_secret_too_short(length: int) -> None:
+    with pytest.raises(ConfigError, match=rf"^TOKEN__HMAC_SECRETS__3: HMAC secret of {length} "):
+        HmacSecret("TOKEN__HMAC_SECRETS__3", b"x" * length)
+
+
+def test_hmac_secret_that_is_a_key_refused(keys: Keys) -> None:
+    with pytest.raises(ConfigError, match=r"^TOKEN__HMAC_SECRETS__0: looks like"):
+        HmacSecret("TOKEN__HMAC_SECRETS__0", public_pem(keys.rsa).encode())
+
+
+def test_hmac_secret_not_in_repr() -> None:
+    secret = HmacSecret("S", b"supersecretsupersecretsupersecret!")
+    assert b"supersecret".decode() not in repr(secret)
+
+
+def test_load_hmac_secret() -> None:
+    assert load_hmac_secret("p" * 32, name="S").secret == b"p" * 32
+    raw = bytes(range(48))
+    for text in (base64.b64encode(raw).decode(), b64u(raw)):
+        loaded = load_hmac_secret("base64:" + text, name="S", kid="k")
+        assert (loaded.secret, loaded.kid) == (raw, "k")
+    with pytest.raises(ConfigError, match=r"^S: not valid base64"):
+        load_hmac_secret("base64:!!!!", name="S")
+    with pytest.raises(ConfigError, match=r"^S: HMAC secret of 3 bytes"):
+        load_hmac_secret("base64:AAAA", name="S")
+
+
+def test_hs_token_never_verified_with_public_key(keys: Keys) -> None:
+    # HMAC "signed" with the PEM of a configured public key: with public keys only the
+    # algorithm is refused; with an HMAC secret too, only that secret is tried.
+    pem = public_pem(keys.rsa).encode()
+    token = hs_token(pem)
+    reject(verifier(vkey(keys.rsa)), token, Rejection.ALGORITHM)
+    both = hs_verifier(HmacSecret("S", SECRET32), keys=(vkey(keys.rsa),))
+    reject(both, token, Rejection.SIGNATURE)
+    assert both.verify(hs_token(SECRET32), "alice", now=NOW).key_name == "S"
+
+
+@pytest.mark.parametrize("alg", ["RS256", "PS256", "ES256", "EdDSA"])
+def test_asymmetric_token_never_verified_with_secret(alg: str) -> None:
+    # An asymmetric alg whose "signature" is an HMAC of the input: no secret is tried.
+    token = craft({"alg": alg}, claims(), lambda s: hmac.new(SECRET64, s, hashlib.sha256).digest())
+    reject(hs_verifier(HmacSecret("S", SECRET64)), token, Rejection.ALGORITHM)
+
+
+def test_hmac_kid_selection(keys: Keys) -> None:
+    v = hs_verifier(
+        HmacSecret("S0", SECRET32, kid="s0"),
+        HmacSecret("S1", b"m" * 32, kid="s1"),
+        keys=(vkey(keys.ed25519, "P0", kid="p0"),),
+    )
+    assert v.verify(hs_token(b"m" * 32, kid="s1"), "alice", now=NOW).key_name == "S1"
+    reject(v, hs_token(b"m" * 32, kid="s0"), Rejection.SIGNATURE)
+    reject(v, hs_token(b"m" * 32, kid="zz"), Rejection.UNKNOWN_KID)
+    # The kid names an Ed25519 key; an HS256 token naming it is refused by algorithm.
+    reject(v, hs_token(b"m" * 32, kid="p0"), Rejection.ALGORITHM)
+    # No kid: all HMAC secrets are tried.
+    assert v.verify(hs_token(b"m" * 32), "alice", now=NOW).key_name == "S1"
+
+
+def test_kid_across_pem_and_hmac_without_ids(keys: Keys) -> None:
+    # No key has an id: the token's kid is ignored, all keys of the algorithm are tried.
+    v = hs_verifier(HmacSecret("S", SECRET32), keys=(vkey(keys.ed25519, "P"),))
+    assert v.verify(hs_token(SECRET32, kid="x"), "alice", now=NOW).key_name == "S"
+    token = jwt.encode(claims(), keys.ed25519, algorithm="EdDSA", headers={"kid": "x"})
+    assert v.verify(token, "alice", now=NOW).key_name == "P"
+
+
+def test_verifier_with_only_hmac_secrets() -> None:
+    TokenVerifier(hmac_secrets=[HmacSecret("S", SECRET32)])
+
+
+# --- Claim policy through the verifier ---------------------------------------------------------
+
+
+def test_claim_policy_applied(keys: Keys) -> None:
+    v = TokenVerifier(
+        [vkey(keys.ed25519)],
+        TokenPolicy(),
+        claim_policy=ClaimPolicy(
+            issuer="iss", audience="proxy", databases_claim="dbs", read_only_scope="ro"
+        ),
+    )
+    good = claims(iss="iss", aud="proxy", dbs=["app"], scope="ro", jti="j-1")
+    token = jwt.encode(good, keys.ed25519, algorithm="EdDSA")
+    identity = v.verify(token, "alice", database="app", now=NOW)
+    assert identity.read_only is True
+    assert identity.jti == "j-1"
+    reject_db = pytest.raises(TokenRejected)
+    with reject_db as info:
+        v.verify(token, "alice", database="other", now=NOW)
+    assert info.value.code is Rejection.DATABASE
+    bad = jwt.encode({**good, "iss": "x"}, keys.ed25519, algorithm="EdDSA")
+    reject(v, bad, Rejection.ISSUER)
+
+
+def test_invalid_claim_policy_refused_at_construction(keys: Keys) -> None:
+    with pytest.raises(ConfigError, match="TOKEN__MAX_AGE_SECONDS"):
+        TokenVerifier([vkey(keys.ed25519)], claim_policy=ClaimPolicy(require_exp=False))
+
+
+def test_token_without_exp_when_allowed(keys: Keys) -> None:
+    v = TokenVerifier(
+        [vkey(keys.ed25519)],
+        claim_policy=ClaimPolicy(require_exp=False, max_age_seconds=60),
+    )
+    token = jwt.encode({"sub": "alice", "iat": int(NOW) - 30}, keys.ed25519, algorithm="EdDSA")
+    assert v.verify(token, "alice", now=NOW).expires_at == NOW + 30
+    reject(v, jwt.encode({"sub": "alice"}, keys.ed25519, algorithm="EdDSA"), Rejection.CLAIMS)
+
+
+def test_identity_defaults(keys: Keys) -> None:
+    identity = verifier(vkey(keys.ed25519)).verify(
+        jwt.encode(claims(), keys.ed25519, algorithm="EdDSA"), "alice", now=NOW
+    )
+    assert (identity.read_only, identity.jti, identity.kid) == (False, None, None)
+
+
+def test_jti_must_be_string(keys: Keys) -> None:
+    token = jwt.encode(claims(jti=5), keys.ed25519, algorithm="EdDSA")
+    reject(verifier(vkey(keys.ed25519)), token, Rejection.CLAIMS)
+
+
+def test_deeply_nested_json_refused(keys: Keys) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    token = craft({"alg": "EdDSA"}, f'{{"sub":"alice","x":{deep}}}', lambda _: b"\0" * 64)
+    reject(verifier(vkey(keys.ed25519), max_length=10**6), token, Rejection.MALFORMED)
+
+
+# --- Revocation through the verifier -----------------------------------------------------------
+
+
+def test_revoked_after_signature(keys: Keys) -> None:
+    revoked = RevocationList.parse("jti leaked\nsub mallory\n", source="r.txt")
+    v = TokenVerifier([vkey(keys.ed25519)], revocation=revoked)
+    good = jwt.encode(claims(jti="fine"), keys.ed25519, algorithm="EdDSA")
+    v.verify(good, "alice", now=NOW)
+    error = reject(
+        v, jwt.encode(claims(jti="leaked"), keys.ed25519, algorithm="EdDSA"), Rejection.REVOKED
+    )
+    assert "r.txt" in error.detail and "leaked" not in error.detail
+    # A forged token naming a revoked jti is a signature failure: the list is not consulted
+    # for unauthenticated input.
+    forged = jwt.encode(claims(jti="leaked"), keys.ed25519_b, algorithm="EdDSA")
+    reject(v, forged, Rejection.SIGNATURE)
+    reject(
+        v,
+        jwt.encode(claims(sub="mallory"), keys.ed25519, algorithm="EdDSA"),
+        Rejection.REVOKED,
+        user="mallory",
+    )
+
+
+def test_revocation_consulted_only_after_signature(keys: Keys) -> None:
+    calls: list[Any] = []
+
+    class Spy:
+        def revoked_by(self, claims: Any) -> str | None:
+            calls.append(claims)
+            return None
+
+    v = TokenVerifier([vkey(keys.ed25519)], revocation=Spy())
+    reject(v, jwt.encode(claims(), keys.ed25519_b, algorithm="EdDSA"), Rejection.SIGNATURE)
+    reject(v, craft({"alg": "none"}, claims()), Rejection.ALGORITHM)
+    assert calls == []
+    v.verify(jwt.encode(claims(), keys.ed25519, algorithm="EdDSA"), "alice", now=NOW)
+    assert len(calls) == 1
+
+
+# --- Key sources and verify_async --------------------------------------------------------------
+
+
+class FakeSource:
+    def __init__(self, *keys: VerificationKey) -> None:
+        self.keys: tuple[VerificationKey, ...] = tuple(keys)
+        self.next: tuple[VerificationKey, ...] | None = None
+        self.refetches = 0
+
+    async def refresh_for_unknown_kid(self) -> bool:
+        self.refetches += 1
+        if self.next is None:
+            return False
+        self.keys, self.next = self.next, None
+        return True
+
+
+def test_key_source_read_on_each_call(keys: Keys) -> None:
+    source = FakeSource(vkey(keys.ed25519, "J1", kid="a"))
+    v = TokenVerifier(key_source=source)
+    token = jwt.encode(claims(), keys.ed25519_b, algorithm="EdDSA", headers={"kid": "b"})
+    reject(v, token, Rejection.UNKNOWN_KID)
+    source.keys = (vkey(keys.ed25519_b, "J2", kid="b"),)
+    assert v.verify(token, "alice", now=NOW).key_name == "J2"
+
+
+def test_verify_async_refetches_on_unknown_kid(keys: Keys) -> None:
+    source = FakeSource(vkey(keys.ed25519, "J1", kid="a"))
+    v = TokenVerifier(key_source=source)
+    token = jwt.encode(claims(), keys.ed25519_b, algorithm="EdDSA", headers={"kid": "b"})
+    source.next = (vkey(keys.ed25519, "J1", kid="a"), vkey(keys.ed25519_b, "J2", kid="b"))
+    identity = asyncio.run(v.verify_async(token, "alice", now=NOW))
+    assert identity.key_name == "J2" and source.refetches == 1
+
+
+def test_verify_async_no_retry_when_keys_unchanged(keys: Keys) -> None:
+    source = FakeSource(vkey(keys.ed25519, "J1", kid="a"))
+    v = TokenVerifier(key_source=source)
+    token = jwt.encode(claims(), keys.ed25519_b, algorithm="EdDSA", headers={"kid": "b"})
+    with pytest.raises(TokenRejected) as info:
+        asyncio.run(v.verify_async(token, "alice", now=NOW))
+    assert info.value.code is Rejection.UNKNOWN_KID
+    assert source.refetches == 1
+
+
+def test_verify_async_other_failures_do_not_refetch(keys: Keys) -> None:
+    source = FakeSource(vkey(keys.ed25519, "J1", kid="a"))
+    v = TokenVerifier(key_source=source)
+    for token in (
+        jwt.encode(claims(), keys.ed25519_b, algorithm="EdDSA", headers={"kid": "a"}),
+        jwt.encode(claims(exp=1), keys.ed25519, algorithm="EdDSA", headers={"kid": "a"}),
+        "garbage",
+    ):
+        with pytest.raises(TokenRejected):
+            asyncio.run(v.verify_async(token, "alice", now=NOW))
+    assert source.refetches == 0
+    good = jwt.encode(claims(), keys.ed25519, algorithm="EdDSA", headers={"kid": "a"})
+    assert asyncio.run(v.verify_async(good, "alice", now=NOW)).kid == "a"
+
+
+def test_verify_async_without_source(keys: Keys) -> None:
+    v = verifier(vkey(keys.ed25519, kid="a"))
+    token = jwt.encode(claims(), keys.ed25519, algorithm="EdDSA", headers={"kid": "b"})
+    with pytest.raises(TokenRejected) as info:
+        asyncio.run(v.verify_async(token, "alice", now=NOW))
+    assert info.value.code is Rejection.UNKNOWN_KID
+
+
+def test_all_keys_order(keys: Keys) -> None:
+    source = FakeSource(vkey(keys.ed25519, "J"))
+    secret = HmacSecret("S", SECRET32)
+    v = TokenVerifier([vkey(keys.p256, "P")], hmac_secrets=[secret], key_source=source)
+    assert [k.name for k in v.all_keys()] == ["P", "S", "J"]
