@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import datetime
 import json
 import os
 import re
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .tokens import Identity
 
 PROG = "jwt-postgresql-proxy"
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
@@ -33,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve()
         if command == "keygen":
             return _keygen(args)
+        if command == "verify":
+            return _verify(args)
         return _token(args)
     except ConfigError as exc:
         print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
@@ -62,23 +67,31 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="extra claim; VALUE is parsed as JSON when it is valid JSON (repeatable)",
     )
+    verify = sub.add_parser(
+        "verify",
+        help="check a token against the current configuration (the daemon's env vars) "
+        "and say which rule passes or fails",
+    )
+    verify.add_argument("token", nargs="?", default="-", help="the token, or - for stdin")
+    verify.add_argument("--user", help="startup user (default: the token's role claim)")
+    verify.add_argument("--database", help="startup database (default: the user)")
     return parser
 
 
 def _serve() -> int:
-    from .config import load_runtime
+    from .config import load_settings
     from .logs import configure
 
-    runtime = load_runtime()
-    configure(runtime.settings.log_level, runtime.settings.log_format.value)
+    settings = load_settings()
+    configure(settings.log_level, settings.log_format.value)
     from .server import serve
 
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        asyncio.run(serve(runtime))
+        asyncio.run(serve(settings))
     else:
-        uvloop.run(serve(runtime))
+        uvloop.run(serve(settings))
     return 0
 
 
@@ -106,6 +119,85 @@ def _keygen(args: argparse.Namespace) -> int:
         handle.write(private_pem)
     args.public_key.write_bytes(public_pem)
     print(f"wrote {args.private_key} (keep secret) and {args.public_key}", file=sys.stderr)
+    return 0
+
+
+def _describe_time(value: object, now: float) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return repr(value)
+    when = datetime.datetime.fromtimestamp(value, datetime.UTC).isoformat(timespec="seconds")
+    delta = value - now
+    relative = f"in {delta:.0f}s" if delta >= 0 else f"{-delta:.0f}s ago"
+    return f"{value} ({when}, {relative})"
+
+
+def _unverified_part(token: str, index: int) -> object:
+    """Decode a JWS segment for display only (nothing is trusted from it)."""
+    try:
+        segment = token.split(".")[index]
+        return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .config import build_runtime, jwks_source, load_settings, revocation_file
+    from .tokens import TokenRejected
+
+    token = sys.stdin.read().strip() if args.token == "-" else args.token.strip()  # noqa: S105
+    settings = load_settings()
+    source = jwks_source(settings)
+    revocation = revocation_file(settings)
+
+    async def check() -> tuple[list[str], object]:
+        if source is not None:
+            await source.start()
+        try:
+            runtime = build_runtime(settings, key_source=source, revocation=revocation)
+            verifier = runtime.verifier
+            names = [key.name for key in verifier.all_keys()]
+            claims = _unverified_part(token, 1)
+            user = args.user
+            role_claim = verifier.claim_policy.role_claim
+            if (
+                user is None
+                and isinstance(claims, dict)
+                and isinstance(claims.get(role_claim), str)
+            ):
+                user = claims[role_claim]
+            try:
+                return names, await verifier.verify_async(
+                    token, user or "", database=args.database or user
+                )
+            except TokenRejected as exc:
+                return names, exc
+        finally:
+            if source is not None:
+                await source.close()
+
+    names, result = asyncio.run(check())
+    now = time.time()
+    header, claims = _unverified_part(token, 0), _unverified_part(token, 1)
+    print(f"token: {len(token)} characters (not shown)")
+    print(f"header: {json.dumps(header) if header is not None else 'not decodable'}")
+    if isinstance(claims, dict):
+        for name, value in claims.items():
+            shown = (
+                _describe_time(value, now) if name in ("exp", "nbf", "iat") else json.dumps(value)
+            )
+            print(f"claim {name}: {shown}")
+    else:
+        print("claims: not decodable")
+    print(f"keys configured: {', '.join(names) or 'none'}")
+    if isinstance(result, TokenRejected):
+        print(f"REJECTED: rule {result.code.value}: {result.detail}")
+        return 1
+    assert isinstance(result, Identity)
+    print(
+        f"ACCEPTED: role={result.role} key={result.key_name} alg={result.algorithm} "
+        f"read_only={'yes' if result.read_only else 'no'} "
+        f"expires {_describe_time(result.expires_at, now)}"
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ checked once at start-up (uvicorn ``Config.load()`` style); a problem becomes a
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import ssl
@@ -22,8 +23,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .connection import Keepalive
 from .errors import ConfigError
 from .frontend import DownstreamSSLMode
+from .jwks import JwksKeySource
 from .login import ChannelBindingPolicy
-from .tokens import TokenPolicy, TokenVerifier, VerificationKey, load_verification_key
+from .policy import ClaimPolicy
+from .revocation import RevocationFile
+from .tokens import (
+    HmacSecret,
+    KeySource,
+    RevocationCheck,
+    TokenPolicy,
+    TokenVerifier,
+    VerificationKey,
+    load_hmac_secret,
+    load_verification_key,
+)
 
 
 class UpstreamSSLMode(enum.StrEnum):
@@ -91,8 +104,51 @@ class LogFormat(enum.StrEnum):
 
 
 class TokenSettings(_Section):
+    """Token policy (``TOKEN__*``); see jwtpgproxy.policy.ClaimPolicy for each rule."""
+
     leeway_seconds: float = Field(default=10.0, ge=0, le=300)
     max_length: int = Field(default=16384, ge=256, le=65535)
+    issuer: str | None = None
+    audience: str | None = None
+    ignore_audience: bool = False
+    role_claim: str = Field(default="sub", min_length=1)
+    tenant_claim: str | None = None
+    tenant: str | None = None
+    scope_claim: str = Field(default="scope", min_length=1)
+    #: Space- or comma-separated.
+    required_scopes: str = ""
+    read_only_scope: str | None = None
+    databases_claim: str | None = None
+    max_lifetime_seconds: float | None = Field(default=None, gt=0)
+    require_exp: bool = True
+    max_age_seconds: float | None = Field(default=None, gt=0)
+    #: Space- or comma-separated claim names that must be present.
+    required_claims: str = ""
+    #: Shared secrets for HS256/384/512 (AIStore-style issuers), only ever used for HS*.
+    hmac_secrets: dict[str, str] = Field(default_factory=dict)
+    hmac_secret_ids: dict[str, str] = Field(default_factory=dict)
+    revocation_file: Path | None = None
+    revocation_poll_seconds: float = Field(default=5.0, gt=0, le=3600)
+    #: End live sessions whose token is revoked / whose token expires (FATAL to client).
+    end_sessions_on_revocation: bool = False
+    end_sessions_on_expiry: bool = False
+
+
+class JwksSettings(_Section):
+    """Keys from a JWKS document: exactly one of file, URL or OIDC issuer (discovery)."""
+
+    file: Path | None = None
+    url: str | None = None
+    oidc_issuer: str | None = None
+    refresh_seconds: float = Field(default=300.0, gt=0, le=86400)
+    min_refetch_seconds: float = Field(default=30.0, ge=0, le=86400)
+    timeout: float = Field(default=10.0, gt=0, le=120)
+    cafile: Path | None = None
+    allow_http: bool = False
+
+    @property
+    def configured(self) -> bool:
+        return any(v is not None for v in (self.file, self.url, self.oidc_issuer))
 
 
 class Settings(BaseSettings):
@@ -111,6 +167,7 @@ class Settings(BaseSettings):
     upstream: UpstreamSettings
     downstream: DownstreamSettings = DownstreamSettings()
     token: TokenSettings = TokenSettings()
+    jwks: JwksSettings = JwksSettings()
     #: From accept() to the end of the upstream login (PostgreSQL authentication_timeout).
     authentication_timeout: float = Field(default=60.0, gt=0, le=600)
     #: How long SIGTERM waits for sessions to end before closing them.
@@ -235,33 +292,126 @@ def upstream_ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | None:
     return context
 
 
-def _verification_keys(settings: Settings) -> list[VerificationKey]:
-    def order(index: str) -> tuple[int, str]:
-        return (int(index), index) if index.isdigit() else (1 << 62, index)
+def _key_order(index: str) -> tuple[int, str]:
+    """PUBLIC_KEYS__2 before PUBLIC_KEYS__10: numeric indexes in numeric order."""
+    return (int(index), index) if index.isdigit() else (1 << 62, index)
 
+
+def _verification_keys(settings: Settings) -> list[VerificationKey]:
     unknown_ids = set(settings.public_key_ids) - set(settings.public_keys)
     if unknown_ids:
-        index = sorted(unknown_ids, key=order)[0]
+        index = sorted(unknown_ids, key=_key_order)[0]
         raise ConfigError(f"PUBLIC_KEY_IDS__{index}: no PUBLIC_KEYS__{index} to name")
     keys = []
-    for index in sorted(settings.public_keys, key=order):
+    for index in sorted(settings.public_keys, key=_key_order):
         name = f"PUBLIC_KEYS__{index}"
         kid = settings.public_key_ids.get(index)
         keys.append(load_verification_key(settings.public_keys[index], name=name, kid=kid))
     return keys
 
 
-def build_runtime(settings: Settings) -> Runtime:
-    """Turn settings into the runtime objects; raise ConfigError naming the variable."""
-    keys = _verification_keys(settings)
-    if not keys:
-        raise ConfigError("PUBLIC_KEYS__0: at least one PUBLIC_KEYS__<i> must be set")
+def _names(text: str) -> frozenset[str]:
+    return frozenset(part for part in text.replace(",", " ").split() if part)
+
+
+def claim_policy(token: TokenSettings) -> ClaimPolicy:
+    return ClaimPolicy(
+        issuer=token.issuer,
+        audience=token.audience,
+        ignore_audience=token.ignore_audience,
+        role_claim=token.role_claim,
+        tenant_claim=token.tenant_claim,
+        tenant=token.tenant,
+        scope_claim=token.scope_claim,
+        required_scopes=_names(token.required_scopes),
+        read_only_scope=token.read_only_scope,
+        databases_claim=token.databases_claim,
+        max_lifetime_seconds=token.max_lifetime_seconds,
+        require_exp=token.require_exp,
+        max_age_seconds=token.max_age_seconds,
+        required_claims=_names(token.required_claims),
+    ).validate()
+
+
+def _hmac_secrets(token: TokenSettings) -> list[HmacSecret]:
+    unknown = set(token.hmac_secret_ids) - set(token.hmac_secrets)
+    if unknown:
+        index = min(unknown)
+        raise ConfigError(
+            f"TOKEN__HMAC_SECRET_IDS__{index}: no TOKEN__HMAC_SECRETS__{index} to name"
+        )
+    return [
+        load_hmac_secret(
+            token.hmac_secrets[index],
+            name=f"TOKEN__HMAC_SECRETS__{index}",
+            kid=token.hmac_secret_ids.get(index),
+        )
+        for index in sorted(token.hmac_secrets, key=_key_order)
+    ]
+
+
+def jwks_source(settings: Settings) -> JwksKeySource | None:
+    """The JWKS key source the settings ask for (not started), or None."""
+    jwks = settings.jwks
+    if not jwks.configured:
+        return None
+    given = [
+        n
+        for n, v in (("FILE", jwks.file), ("URL", jwks.url), ("OIDC_ISSUER", jwks.oidc_issuer))
+        if v is not None
+    ]
+    if len(given) > 1:
+        raise ConfigError(
+            f"JWKS__{given[1]}: set only one of JWKS__FILE, JWKS__URL, JWKS__OIDC_ISSUER"
+        )
+    context = None
+    if jwks.cafile is not None:
+        try:
+            context = ssl.create_default_context(cafile=str(jwks.cafile))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"JWKS__CAFILE: cannot load CA certificates ({exc})") from None
+    return JwksKeySource(
+        file=jwks.file,
+        url=jwks.url,
+        issuer=jwks.oidc_issuer,
+        name=f"JWKS__{given[0]}",
+        refresh_seconds=jwks.refresh_seconds,
+        min_refetch_seconds=jwks.min_refetch_seconds,
+        timeout=jwks.timeout,
+        ssl_context=context,
+        allow_http=jwks.allow_http,
+    )
+
+
+def revocation_file(settings: Settings) -> RevocationFile | None:
+    path = settings.token.revocation_file
+    return None if path is None else RevocationFile(path, setting="TOKEN__REVOCATION_FILE")
+
+
+def build_runtime(
+    settings: Settings,
+    *,
+    key_source: KeySource | None = None,
+    revocation: RevocationCheck | None = None,
+) -> Runtime:
+    """Turn settings into the runtime objects; raise ConfigError naming the variable.
+
+    ``key_source`` (JWKS) and ``revocation`` are long-lived objects of the server's, built
+    by :func:`jwks_source` and :func:`revocation_file`; a reload passes the same ones.
+    """
+    token = settings.token
+    policy = claim_policy(token)
+    if settings.jwks.oidc_issuer and token.issuer is None:
+        # Tokens from an OIDC issuer name it in iss; without an explicit TOKEN__ISSUER,
+        # the discovered issuer is the one to require.
+        policy = dataclasses.replace(policy, issuer=settings.jwks.oidc_issuer).validate()
     verifier = TokenVerifier(
-        keys,
-        TokenPolicy(
-            leeway_seconds=settings.token.leeway_seconds,
-            max_token_length=settings.token.max_length,
-        ),
+        _verification_keys(settings),
+        TokenPolicy(leeway_seconds=token.leeway_seconds, max_token_length=token.max_length),
+        claim_policy=policy,
+        hmac_secrets=_hmac_secrets(token),
+        key_source=key_source,
+        revocation=revocation,
     )
     up = settings.upstream
     keepalive = Keepalive(
@@ -301,4 +451,6 @@ def build_runtime(settings: Settings) -> Runtime:
 
 
 def load_runtime() -> Runtime:
+    """Settings and runtime from the environment, without a JWKS source (for tools that
+    need no keys from the network)."""
     return build_runtime(load_settings())

@@ -26,10 +26,12 @@ from logging import INFO, WARNING
 
 from .admin import AdminServer
 from .cancel import CancelRegistry
-from .config import Runtime, build_runtime
+from .config import Runtime, Settings, build_runtime, jwks_source, revocation_file
 from .errors import ConfigError, ProxyError
+from .jwks import JwksKeySource
 from .logs import event
 from .metrics import Metrics
+from .revocation import RevocationFile, RevocationList
 from .session import ServerContext, Session
 from .upstream import connect_raw, terminate_backends
 
@@ -46,7 +48,18 @@ _READY_PROBE_TIMEOUT = 2.0
 
 
 class ProxyServer:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        key_source: JwksKeySource | None = None,
+        revocation: RevocationFile | None = None,
+    ) -> None:
+        """``key_source`` and ``revocation``: the long-lived JWKS source and revocation file
+        the runtime's verifier uses; the server refreshes them (SIGHUP, file changes)."""
+        self._key_source = key_source
+        self._revocation = revocation
+        self._background: set[asyncio.Task[None]] = set()
         self._tasks: dict[asyncio.Task[None], Session] = {}
         self.context = ServerContext(runtime, CancelRegistry(), Metrics(self._live_sessions))
         self._listeners: list[socket.socket] = []
@@ -90,6 +103,15 @@ class ProxyServer:
                 port=address[1],
                 tls=self.runtime.downstream_ssl_mode.value,
             )
+        if self._revocation is not None:
+            watcher = asyncio.create_task(
+                self._revocation.watch(
+                    self.runtime.settings.token.revocation_poll_seconds,
+                    self._revocation_changed,
+                ),
+                name="revocation watch",
+            )
+            self._background.add(watcher)
         metrics = self.runtime.settings.metrics
         if metrics.port is not None:
             self._admin = AdminServer(metrics.host, metrics.port, self.metrics, self.ready)
@@ -172,12 +194,41 @@ class ProxyServer:
         protocol.close()
         return True, "ready"
 
+    def _revocation_changed(self, revoked: RevocationList) -> None:
+        """A new revocation list: with TOKEN__END_SESSIONS_ON_REVOCATION, end the live
+        sessions whose token it now revokes."""
+        if not self.runtime.settings.token.end_sessions_on_revocation:
+            return
+        for session in list(self._tasks.values()):
+            if session.identity is not None and revoked.is_revoked(session.identity.claims):
+                session.end("revoked", "terminating connection because its token was revoked")
+
     def reload(self) -> None:
-        """SIGHUP: rebuild the runtime from the settings, re-reading every file it uses
-        (TLS certificates and keys, CA files). A bad new configuration is logged and the
-        running one kept; live sessions are untouched either way."""
+        """SIGHUP: see :meth:`reload_now`."""
+        task = asyncio.get_running_loop().create_task(self.reload_now(), name="reload")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def reload_now(self) -> None:
+        """Re-read everything that lives in files or behind URLs -- the revocation list, the
+        JWKS, TLS certificates and keys, CA files -- and rebuild the runtime. A bad new
+        configuration is logged and the running one kept; live sessions are untouched,
+        except that sessions whose token the new revocation list revokes are ended when
+        TOKEN__END_SESSIONS_ON_REVOCATION is on."""
+        if self._revocation is not None and await self._revocation.poll(force=True):
+            self._revocation_changed(self._revocation.current)
+        if self._key_source is not None and not await self._key_source.refresh():
+            event(
+                log,
+                WARNING,
+                "JWKS refresh failed: keeping the previous keys",
+                source=self._key_source.name,
+                error=self._key_source.last_error,
+            )
         try:
-            runtime = build_runtime(self.runtime.settings)
+            runtime = build_runtime(
+                self.runtime.settings, key_source=self._key_source, revocation=self._revocation
+            )
         except ConfigError as exc:
             self.metrics.config_reloads.labels("failed").inc()
             event(log, WARNING, "reload failed: keeping the running configuration", error=exc)
@@ -227,6 +278,8 @@ class ProxyServer:
             await self._end_remaining()
         if self._admin is not None:
             self._admin.close()
+        for task in self._background:
+            task.cancel()
         event(log, INFO, "shutdown complete")
 
     async def _end_remaining(self) -> None:
@@ -286,9 +339,20 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(runtime: Runtime) -> None:
-    server = ProxyServer(runtime)
-    await server.start()
-    with contextlib.suppress(NotImplementedError):
-        server.install_signal_handlers()
-    await server.serve_until_stopped()
+async def serve(settings: Settings) -> None:
+    """Run the proxy until a signal stops it. Keys behind a JWKS URL are fetched first: a
+    proxy that cannot verify any token does not start (ConfigError)."""
+    key_source = jwks_source(settings)
+    revocation = revocation_file(settings)
+    if key_source is not None:
+        await key_source.start()
+    try:
+        runtime = build_runtime(settings, key_source=key_source, revocation=revocation)
+        server = ProxyServer(runtime, key_source=key_source, revocation=revocation)
+        await server.start()
+        with contextlib.suppress(NotImplementedError):
+            server.install_signal_handlers()
+        await server.serve_until_stopped()
+    finally:
+        if key_source is not None:
+            await key_source.close()

@@ -116,6 +116,9 @@ class Session:
         #: The upstream role, database and backend pid once spliced (for termination).
         self.role: str | None = None
         self.upstream_pid: int | None = None
+        #: The verified token (its claims decide revocation of a live session).
+        self.identity: Identity | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
         self._is_cancel = False
 
     @property
@@ -169,7 +172,7 @@ class Session:
                 received = await self._client_handshake(direct_tls)
                 if received is None:
                     return  # a CancelRequest: handled, no reply
-                identity = self._verify(received)
+                identity = self.identity = await self._verify(received)
                 upstream = await self._login_upstream(received.startup, identity)
         except TimeoutError:
             raise HandshakeTimeout(
@@ -271,10 +274,13 @@ class Session:
         finally:
             self._tls_handshaking = False
 
-    def _verify(self, received: _Startup) -> Identity:
+    async def _verify(self, received: _Startup) -> Identity:
         startup = received.startup
         try:
-            identity = self.runtime.verifier.verify(received.token, startup.user)
+            # Async only for the rare unknown-kid case: one JWKS refetch, then one retry.
+            identity = await self.runtime.verifier.verify_async(
+                received.token, startup.user, database=startup.database
+            )
         except TokenRejected as exc:
             raise AuthenticationFailed(
                 f"token rejected: {exc}", user=startup.user, metric_reason=exc.code.value
@@ -288,6 +294,9 @@ class Session:
             client=self.peer,
             alg=identity.algorithm,
             key=identity.key_name,
+            kid=identity.kid,
+            jti=identity.jti,
+            read_only=identity.read_only,
             expires_in=f"{identity.expires_at - time.time():.0f}s",
         )
         return identity
@@ -299,6 +308,10 @@ class Session:
         # one (equal to the startup user, checked in verify()).
         parameters = dict(startup.parameters)
         parameters["user"] = identity.role
+        if identity.read_only:
+            # The token's read-only scope: set after the client's own parameters, so no
+            # startup parameter of the client's can undo it.
+            parameters["default_transaction_read_only"] = "on"
         idle = self.runtime.settings.idle_session_timeout
         if idle:
             # PostgreSQL ends a session idle outside a transaction with FATAL 57P05 at a
@@ -338,9 +351,17 @@ class Session:
         upstream_transport, upstream_rest = upstream.protocol.detach()
         if self.client.closed or upstream.protocol.closed:
             raise ClientDisconnected("a side closed while login completed")
-        self._splice = Splice(client_transport, upstream_transport)
+        token = self.runtime.settings.token
+        endable = token.end_sessions_on_expiry or token.end_sessions_on_revocation
+        self._splice = Splice(client_transport, upstream_transport, endable=endable)
         self._splice.start(bytes(to_client) + upstream_rest, client_leftover + client_rest)
         self.metrics.login_succeeded()
+        if token.end_sessions_on_expiry and self.identity is not None:
+            loop = asyncio.get_running_loop()
+            delay = max(self.identity.expires_at - time.time(), 0.0)
+            self._expiry_timer = loop.call_later(
+                delay, self.end, "expired", "terminating connection because its token expired"
+            )
         if self._on_spliced is not None:
             self._on_spliced(self)
         await self._splice.wait_closed()
@@ -392,7 +413,27 @@ class Session:
             with contextlib.suppress(ConnectionClosed):
                 self.client.write(wire.error_response(exc.client_fields()))
 
+    def end(self, reason: str, message: str) -> None:
+        """End a spliced session for a policy reason: the client reads FATAL 57P01 with
+        ``message`` between two of upstream's messages, then both sides close."""
+        if self._splice is None:
+            return
+        final = wire.error_response({"S": "FATAL", "V": "FATAL", "C": "57P01", "M": message})
+        if self._splice.end_with(final):
+            self.metrics.sessions_ended_by_policy.labels(reason).inc()
+            event(
+                log,
+                INFO,
+                "session ended by policy",
+                reason=reason,
+                user=self.user,
+                database=self.database,
+                client=self.peer,
+            )
+
     def _cleanup(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
         if self._cancel_entry is not None:
             self.cancels.unregister(self._cancel_entry)
         if self._splice is None:

@@ -18,6 +18,48 @@ WRITE_LOW_WATER = 128 * 1024
 CLOSE_GRACE_SECONDS = 10.0
 
 
+class MessageBoundaries:
+    """Where typed messages (Byte1 tag, Int32 length, body) end in a byte stream.
+
+    Header-only bookkeeping, no copying of bodies; used only for sessions the proxy may
+    have to end itself (token expiry, revocation), so that its FATAL goes in *between*
+    two of upstream's messages rather than inside one.
+    """
+
+    __slots__ = ("_header", "_remaining")
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._remaining = 0  # body bytes still to come of the current message
+
+    @property
+    def at_boundary(self) -> bool:
+        return self._remaining == 0 and not self._header
+
+    def advance(self, data: bytes, *, stop_at_boundary: bool = False) -> int | None:
+        """Consume ``data``. With ``stop_at_boundary``, stop at the first message boundary
+        and return its offset (0 if already at one); otherwise, or if no boundary is
+        reached, consume everything and return None."""
+        pos, size = 0, len(data)
+        while True:
+            if stop_at_boundary and self.at_boundary:
+                return pos
+            if pos >= size:
+                return None
+            if self._remaining:
+                step = min(self._remaining, size - pos)
+                self._remaining -= step
+                pos += step
+                continue
+            step = min(5 - len(self._header), size - pos)
+            self._header += data[pos : pos + step]
+            pos += step
+            if len(self._header) == 5:
+                length = int.from_bytes(self._header[1:5], "big")
+                self._header.clear()
+                self._remaining = max(length - 4, 0)
+
+
 class Half(asyncio.Protocol):
     """Receives from ``own`` transport and writes to ``peer`` transport."""
 
@@ -49,16 +91,62 @@ class Half(asyncio.Protocol):
             self.peer.resume_reading()
 
 
+class EndableHalf(Half):
+    """The upstream -> client half of a session the proxy may end: it tracks message
+    boundaries so :meth:`end_with` can put a final message between two of upstream's."""
+
+    __slots__ = ("_ended", "_final", "boundaries")
+
+    def __init__(self, splice: Splice, own: asyncio.Transport, peer: asyncio.Transport) -> None:
+        super().__init__(splice, own, peer)
+        self.boundaries = MessageBoundaries()
+        self._final: bytes | None = None
+        self._ended = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._ended:
+            return  # the client has its final message; nothing of upstream's follows it
+        if self._final is None:
+            self.boundaries.advance(data)
+            super().data_received(data)
+            return
+        cut = self.boundaries.advance(data, stop_at_boundary=True)
+        if cut is None:
+            super().data_received(data)
+            return
+        super().data_received(data[:cut])
+        self._deliver_final()
+
+    def end_with(self, final: bytes) -> None:
+        """Send ``final`` to the client at the next message boundary, then close both."""
+        if self._ended or self._final is not None:
+            return
+        self._final = final
+        if self.boundaries.at_boundary:
+            self._deliver_final()
+
+    def _deliver_final(self) -> None:
+        assert self._final is not None
+        self._ended = True
+        self.peer.write(self._final)
+        self._splice.close()
+
+
 class Splice:
     """Splices a client transport and an upstream transport until either closes."""
 
-    def __init__(self, client: asyncio.Transport, upstream: asyncio.Transport) -> None:
+    def __init__(
+        self, client: asyncio.Transport, upstream: asyncio.Transport, *, endable: bool = False
+    ) -> None:
+        """``endable``: the proxy may end this session itself (see :meth:`end_with`); costs
+        a little header bookkeeping per upstream message."""
         loop = asyncio.get_running_loop()
         self._one_lost: asyncio.Future[None] = loop.create_future()
         self._both_lost: asyncio.Future[None] = loop.create_future()
         self._lost = 0
         self.client_half = Half(self, client, upstream)  # client -> upstream
-        self.upstream_half = Half(self, upstream, client)  # upstream -> client
+        half_type = EndableHalf if endable else Half
+        self.upstream_half = half_type(self, upstream, client)  # upstream -> client
         for transport in (client, upstream):
             transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
 
@@ -68,6 +156,8 @@ class Splice:
         client.set_protocol(self.client_half)
         upstream.set_protocol(self.upstream_half)
         if to_client:
+            if isinstance(self.upstream_half, EndableHalf):
+                self.upstream_half.boundaries.advance(to_client)
             client.write(to_client)
         if to_upstream:
             self.client_half.bytes += len(to_upstream)
@@ -90,6 +180,14 @@ class Splice:
         for future in (self._one_lost, self._both_lost)[: self._lost]:
             if not future.done():
                 future.set_result(None)
+
+    def end_with(self, final: bytes) -> bool:
+        """Give the client ``final`` (an ErrorResponse) between two of upstream's messages,
+        then close; False if this splice was not built ``endable``."""
+        if not isinstance(self.upstream_half, EndableHalf):
+            return False
+        self.upstream_half.end_with(final)
+        return True
 
     def close(self) -> None:
         for half in (self.client_half, self.upstream_half):
