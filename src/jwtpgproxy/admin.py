@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from logging import INFO
 
 from .logs import event
-from .metrics import Metrics
 
 log = logging.getLogger("jwtpgproxy")
 
@@ -37,13 +36,17 @@ class AdminServer:
         self,
         host: str,
         port: int,
-        metrics: Metrics,
+        render_metrics: Callable[[], Awaitable[bytes]],
         ready: Callable[[], Awaitable[tuple[bool, str]]],
+        healthy: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
     ) -> None:
+        """``render_metrics``: the Prometheus text (one process's, or the sum over workers).
+        ``healthy``: liveness beyond "the event loop answers" (e.g. all workers alive)."""
         self.host = host
         self.port = port
-        self._metrics = metrics
+        self._render_metrics = render_metrics
         self._ready = ready
+        self._healthy = healthy
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -105,9 +108,11 @@ class AdminServer:
         if method not in ("GET", "HEAD"):
             return 405, text, b"method not allowed\n", "GET"
         if target == "/metrics":
-            return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics.render(), method
+            body = await self._render_metrics()
+            return 200, "text/plain; version=0.0.4; charset=utf-8", body, method
         if target == "/healthz":
-            return 200, text, b"ok\n", method
+            ok, why = self._healthy()
+            return (200 if ok else 503), text, f"{why}\n".encode(), method
         if target == "/readyz":
             ok, why = await self._ready()
             return (200 if ok else 503), text, f"{why}\n".encode(), method

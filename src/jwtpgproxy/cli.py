@@ -16,14 +16,15 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 from .tokens import Identity
 
 PROG = "jwt-postgresql-proxy"
+T = TypeVar("T")
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -34,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "serve":
             return _serve()
+        if command == "_worker":
+            return _serve(args)
         if command == "keygen":
             return _keygen(args)
         if command == "verify":
@@ -48,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the proxy (the default); configured by env vars")
+    worker = sub.add_parser("_worker")  # internal: one of WORKERS processes
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--count", type=int, required=True)
+    worker.add_argument("--control-dir", required=True)
 
     keygen = sub.add_parser("keygen", help="write a new signing key pair (PEM)")
     keygen.add_argument("--type", choices=["ed25519", "rsa", "ec-p256"], default="ed25519")
@@ -78,21 +85,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve() -> int:
-    from .config import load_settings
+def _serve(worker_args: argparse.Namespace | None = None) -> int:
+    """The daemon: one process, or (WORKERS > 1) a supervisor of worker processes."""
+    from .config import load_settings, upstream_target
     from .logs import configure
+    from .server import serve
+    from .workers import Supervisor, WorkerInfo
 
     settings = load_settings()
-    configure(settings.log_level, settings.log_format.value)
-    from .server import serve
+    worker = None
+    if worker_args is not None:
+        worker = WorkerInfo(worker_args.index, worker_args.count, worker_args.control_dir)
+    configure(settings.log_level, settings.log_format.value, worker.index if worker else None)
+    if worker is None and settings.workers > 1:
+        target = upstream_target(settings)  # also checks the upstream settings up front
 
+        async def ready() -> tuple[bool, str]:
+            from .upstream import connect_raw
+
+            try:
+                async with asyncio.timeout(2):
+                    (await connect_raw(target)).close()
+            except Exception as exc:  # any failure means "not ready"; the reason is shown
+                return False, f"upstream not reachable: {exc}"
+            return True, "ready"
+
+        metrics = settings.metrics
+        supervisor = Supervisor(
+            settings.workers, metrics_host=metrics.host, metrics_port=metrics.port, ready=ready
+        )
+        return _run(supervisor.run())
+    _run(serve(settings, worker))
+    return 0
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
-    return 0
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -181,6 +181,8 @@ class Settings(BaseSettings):
     idle_session_timeout: float = Field(default=0, ge=0, le=7 * 86400)
     keepalive: KeepaliveSettings = KeepaliveSettings()
     metrics: MetricsSettings = MetricsSettings()
+    #: Worker processes sharing the listening port (SO_REUSEPORT); 1 = a single process.
+    workers: int = Field(default=1, ge=1, le=64)
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.TEXT
 
@@ -413,31 +415,10 @@ def build_runtime(
         key_source=key_source,
         revocation=revocation,
     )
-    up = settings.upstream
-    keepalive = Keepalive(
-        settings.keepalive.idle, settings.keepalive.interval, settings.keepalive.count
-    )
-    if up.sslrootcert is not None and not up.sslrootcert.is_file():
-        raise ConfigError(f"UPSTREAM__SSLROOTCERT: file not found: {up.sslrootcert}")
-    upstream = UpstreamTarget(
-        host=up.host,
-        port=up.port,
-        password=up.password,
-        sslmode=up.sslmode,
-        ssl_context=upstream_ssl_context(up),
-        channel_binding=up.channel_binding,
-        connect_timeout=up.connect_timeout,
-        keepalive=keepalive,
-    )
-    if up.channel_binding is ChannelBindingPolicy.REQUIRE and up.sslmode in (
-        UpstreamSSLMode.DISABLE,
-        UpstreamSSLMode.ALLOW,
-        UpstreamSSLMode.PREFER,
-    ):
-        raise ConfigError(
-            "UPSTREAM__CHANNEL_BINDING: require needs UPSTREAM__SSLMODE=require or stricter"
-        )
+    upstream = upstream_target(settings)
     down = settings.downstream
+    if settings.workers > 1 and down.port == 0:
+        raise ConfigError("WORKERS: more than one worker needs a fixed DOWNSTREAM__PORT")
     return Runtime(
         settings=settings,
         verifier=verifier,
@@ -446,7 +427,34 @@ def build_runtime(
         listen_port=down.port,
         downstream_ssl_mode=down.sslmode,
         downstream_ssl_context=_downstream_ssl_context(down),
-        keepalive=keepalive,
+        keepalive=upstream.keepalive,
+    )
+
+
+def upstream_target(settings: Settings) -> UpstreamTarget:
+    """Where and how to reach upstream (also used by the worker supervisor's /readyz)."""
+    up = settings.upstream
+    if up.sslrootcert is not None and not up.sslrootcert.is_file():
+        raise ConfigError(f"UPSTREAM__SSLROOTCERT: file not found: {up.sslrootcert}")
+    if up.channel_binding is ChannelBindingPolicy.REQUIRE and up.sslmode in (
+        UpstreamSSLMode.DISABLE,
+        UpstreamSSLMode.ALLOW,
+        UpstreamSSLMode.PREFER,
+    ):
+        raise ConfigError(
+            "UPSTREAM__CHANNEL_BINDING: require needs UPSTREAM__SSLMODE=require or stricter"
+        )
+    return UpstreamTarget(
+        host=up.host,
+        port=up.port,
+        password=up.password,
+        sslmode=up.sslmode,
+        ssl_context=upstream_ssl_context(up),
+        channel_binding=up.channel_binding,
+        connect_timeout=up.connect_timeout,
+        keepalive=Keepalive(
+            settings.keepalive.idle, settings.keepalive.interval, settings.keepalive.count
+        ),
     )
 
 

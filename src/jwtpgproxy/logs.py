@@ -46,6 +46,10 @@ def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
             "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
@@ -54,6 +58,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
         }
+        if self.worker is not None:
+            data["worker"] = self.worker
         if isinstance(record.msg, _Event):
             data["event"] = record.msg.name
             data.update(record.msg.fields)
@@ -64,9 +70,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
-def configure(level: str, fmt: str) -> None:
+def configure(level: str, fmt: str, worker: int | None = None) -> None:
+    """Log to stderr; ``worker``: this process is worker N of several (tagged in each line)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT_FORMAT))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(worker))
+    else:
+        name = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
+        handler.setFormatter(logging.Formatter(_TEXT_FORMAT.replace("%(name)s", name)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

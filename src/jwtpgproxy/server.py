@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -24,8 +25,9 @@ from collections import defaultdict
 from collections.abc import Iterator
 from logging import INFO, WARNING
 
+from . import wire
 from .admin import AdminServer
-from .cancel import CancelRegistry
+from .cancel import CancelRegistry, forward_cancel
 from .config import Runtime, Settings, build_runtime, jwks_source, revocation_file
 from .errors import ConfigError, ProxyError
 from .jwks import JwksKeySource
@@ -34,6 +36,7 @@ from .metrics import Metrics
 from .revocation import RevocationFile, RevocationList
 from .session import ServerContext, Session
 from .upstream import connect_raw, terminate_backends
+from .workers import WorkerInfo, cancel_on_peers, start_control_server
 
 log = logging.getLogger("jwtpgproxy")
 
@@ -54,14 +57,20 @@ class ProxyServer:
         *,
         key_source: JwksKeySource | None = None,
         revocation: RevocationFile | None = None,
+        worker: WorkerInfo | None = None,
     ) -> None:
         """``key_source`` and ``revocation``: the long-lived JWKS source and revocation file
-        the runtime's verifier uses; the server refreshes them (SIGHUP, file changes)."""
+        the runtime's verifier uses; the server refreshes them (SIGHUP, file changes).
+        ``worker``: this process is one of several workers (see jwtpgproxy.workers)."""
+        self._worker = worker
+        self._control: asyncio.AbstractServer | None = None
         self._key_source = key_source
         self._revocation = revocation
         self._background: set[asyncio.Task[None]] = set()
         self._tasks: dict[asyncio.Task[None], Session] = {}
         self.context = ServerContext(runtime, CancelRegistry(), Metrics(self._live_sessions))
+        if worker is not None and worker.count > 1:
+            self.context.cancel_on_peers = functools.partial(cancel_on_peers, worker)
         self._listeners: list[socket.socket] = []
         self._admin: AdminServer | None = None
         self._stopping = asyncio.Event()
@@ -90,8 +99,9 @@ class ProxyServer:
         session must peek at the first byte before any transport reads it, to tell a
         direct TLS ClientHello from a PostgreSQL packet (see Session._accept).
         """
+        shared = self._worker is not None
         for host in self.runtime.listen_hosts:
-            listener = _listening_socket(host, self.runtime.listen_port)
+            listener = _listening_socket(host, self.runtime.listen_port, reuse_port=shared)
             self._listeners.append(listener)
             self._watch(listener)
             address = listener.getsockname()
@@ -112,9 +122,15 @@ class ProxyServer:
                 name="revocation watch",
             )
             self._background.add(watcher)
+        if self._worker is not None:
+            # The supervisor serves /metrics etc. for all workers, asking each over this.
+            self._control = await start_control_server(
+                self._worker, self._render_metrics, self._cancel_locally
+            )
+            return
         metrics = self.runtime.settings.metrics
         if metrics.port is not None:
-            self._admin = AdminServer(metrics.host, metrics.port, self.metrics, self.ready)
+            self._admin = AdminServer(metrics.host, metrics.port, self._render_metrics, self.ready)
             try:
                 await self._admin.start()
             except OSError as exc:
@@ -181,6 +197,26 @@ class ProxyServer:
             self._watch(listener)
 
     # -- health, reload, signals --
+
+    async def _render_metrics(self) -> bytes:
+        return self.metrics.render()
+
+    async def _cancel_locally(self, request: wire.CancelRequest) -> bool:
+        """A peer worker received this CancelRequest: forward it if the session is ours."""
+        entry = self.context.cancels.match(request)
+        if entry is None:
+            return False
+        self.metrics.cancel_requests.labels("forwarded").inc()
+        event(
+            log,
+            INFO,
+            "cancel request forwarded",
+            pid=entry.process_id,
+            via="peer worker",
+            upstream_tls=entry.upstream_tls,
+        )
+        await forward_cancel(self.runtime.upstream, entry)
+        return True
 
     async def ready(self) -> tuple[bool, str]:
         """Readiness: accepting, and upstream accepts a TCP connection."""
@@ -278,6 +314,8 @@ class ProxyServer:
             await self._end_remaining()
         if self._admin is not None:
             self._admin.close()
+        if self._control is not None:
+            self._control.close()
         for task in self._background:
             task.cancel()
         event(log, INFO, "shutdown complete")
@@ -320,11 +358,13 @@ class ProxyServer:
             await asyncio.wait(pending, timeout=2)
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
+def _listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # workers share the port; the kernel balances connections
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
@@ -339,7 +379,7 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, worker: WorkerInfo | None = None) -> None:
     """Run the proxy until a signal stops it. Keys behind a JWKS URL are fetched first: a
     proxy that cannot verify any token does not start (ConfigError)."""
     key_source = jwks_source(settings)
@@ -348,7 +388,7 @@ async def serve(settings: Settings) -> None:
         await key_source.start()
     try:
         runtime = build_runtime(settings, key_source=key_source, revocation=revocation)
-        server = ProxyServer(runtime, key_source=key_source, revocation=revocation)
+        server = ProxyServer(runtime, key_source=key_source, revocation=revocation, worker=worker)
         await server.start()
         with contextlib.suppress(NotImplementedError):
             server.install_signal_handlers()

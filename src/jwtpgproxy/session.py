@@ -14,7 +14,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -75,6 +75,8 @@ class ServerContext:
     runtime: Runtime
     cancels: CancelRegistry
     metrics: Metrics
+    #: With several workers: ask the others to cancel a session this one does not have.
+    cancel_on_peers: Callable[[wire.CancelRequest], Awaitable[bool]] | None = None
 
 
 @dataclass(slots=True)
@@ -101,6 +103,7 @@ class Session:
         self.runtime = context.runtime
         self.cancels = context.cancels
         self.metrics = context.metrics
+        self._cancel_on_peers = context.cancel_on_peers
         self._over_limit = over_limit
         self._sock = sock
         self.client = HandshakeProtocol(self.runtime.keepalive)  # connected by _accept()
@@ -377,6 +380,13 @@ class Session:
     async def _handle_cancel(self, request: wire.CancelRequest, *, tls: bool) -> None:
         self._is_cancel = True
         entry = self.cancels.match(request)
+        if (
+            entry is None
+            and self._cancel_on_peers is not None
+            and await self._cancel_on_peers(request)  # the owning worker counts and logs it
+        ):
+            event(log, INFO, "cancel request passed to another worker", client=self.peer)
+            return
         if entry is None:
             self.metrics.cancel_requests.labels("unmatched").inc()
             event(log, INFO, "cancel request ignored: no such session", client=self.peer, tls=tls)

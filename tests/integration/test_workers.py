@@ -1,0 +1,147 @@
+"""WORKERS > 1: several processes on one SO_REUSEPORT listener, one supervisor."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+
+import psycopg
+import pytest
+from harness import ProxyProcess, free_port
+from test_clients import proxy_dsn
+
+from jwtpgproxy.workers import merge_prometheus
+
+
+def worker_pids(proxy: ProxyProcess) -> dict[int, int]:
+    """worker index -> pid, the latest start of each."""
+    found: dict[int, int] = {}
+    for index, pid in re.findall(r"worker started: worker=(\d+) pid=(\d+)", proxy.log()):
+        found[int(index)] = int(pid)
+    return found
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def start_workers(start_proxy: Callable[..., ProxyProcess], **env: str) -> tuple[ProxyProcess, int]:
+    metrics_port = free_port()
+    proxy = start_proxy(
+        WORKERS="2", DOWNSTREAM__PORT=str(free_port()), METRICS__PORT=str(metrics_port), **env
+    )
+    deadline = time.monotonic() + 10
+    while proxy.log().count("]: listening:") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(worker_pids(proxy)) == 2
+    return proxy, metrics_port
+
+
+def test_workers_share_the_port_and_cancel_across_workers(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+) -> None:
+    proxy, metrics_port = start_workers(start_proxy)
+    dsn = proxy_dsn(proxy, "scram_user", token_for("scram_user"))
+    cancelled = 0
+    for _ in range(16):
+        with psycopg.connect(dsn) as conn:
+            timer = threading.Timer(0.3, conn.cancel)
+            timer.start()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("select pg_sleep(10)")
+            timer.join()
+            cancelled += 1
+    log = proxy.log()
+    # Both workers served clients...
+    assert "[worker 0]: token accepted" in log and "[worker 1]: token accepted" in log
+    # ...and cancels that landed on the other worker were passed to the owner (16 cancels
+    # all landing on their own session's worker has probability 2**-16).
+    assert "cancel request passed to another worker" in log
+    assert 'via="peer worker"' in log
+    status, text = scrape(metrics_port)
+    assert status == 200
+    merged = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert merged['jwtpgproxy_logins_total{outcome="success",reason="ok"}'] == 16
+    assert merged['jwtpgproxy_cancel_requests_total{result="forwarded"}'] == 16
+    assert 'jwtpgproxy_cancel_requests_total{result="unmatched"}' not in merged
+    created = merged['jwtpgproxy_logins_created{outcome="success",reason="ok"}']
+    assert abs(created - time.time()) < 120  # a timestamp, not a sum of timestamps
+
+
+def test_crashed_worker_is_restarted(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+) -> None:
+    proxy, metrics_port = start_workers(start_proxy)
+    assert scrape(metrics_port, "/healthz") == (200, "ok\n")
+    victim = worker_pids(proxy)[1]
+    os.kill(victim, signal.SIGKILL)  # by PID: the worker we started
+    deadline = time.monotonic() + 10
+    while worker_pids(proxy).get(1) == victim and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker_pids(proxy)[1] != victim
+    assert "worker exited unexpectedly: restarting" in proxy.log()
+    deadline = time.monotonic() + 10
+    while scrape(metrics_port, "/healthz")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert scrape(metrics_port, "/healthz") == (200, "ok\n")
+    for _ in range(6):
+        with psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user"))) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_sigterm_drains_all_workers_and_exits_zero(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+) -> None:
+    proxy, metrics_port = start_workers(start_proxy, SHUTDOWN_TIMEOUT="10")
+    conn = psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user")))
+    conn.execute("create temp table t (x int)")
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert scrape(metrics_port, "/readyz")[0] == 503
+    conn.execute("insert into t values (1)")
+    conn.commit()
+    conn.close()
+    assert proxy.process.wait(15) == 0
+    assert proxy.log().count("shutdown complete") == 3  # two workers and the supervisor
+
+
+def test_worker_configuration_error_stops_everything(
+    start_proxy: Callable[..., ProxyProcess], tmp_path: object
+) -> None:
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        start_proxy(
+            WORKERS="2",
+            DOWNSTREAM__PORT=str(free_port()),
+            DOWNSTREAM__CERTFILE="/nonexistent/cert.pem",
+        )
+
+
+def test_merge_prometheus_sums_samples_and_keeps_earliest_created() -> None:
+    a = (
+        '# HELP c Things\n# TYPE c counter\nc_total{k="x"} 2.0\nc_created{k="x"} 100.0\n'
+        "# HELP g Open\n# TYPE g gauge\ng 3.0\n"
+    )
+    b = '# HELP c Things\n# TYPE c counter\nc_total{k="x"} 5.0\nc_created{k="x"} 90.0\n'
+    b += 'c_total{k="y"} 1.0\n# HELP g Open\n# TYPE g gauge\ng 4.0\n'
+    merged = merge_prometheus([a, b])
+    lines = merged.splitlines()
+    assert 'c_total{k="x"} 7.0' in lines
+    assert 'c_total{k="y"} 1.0' in lines
+    assert 'c_created{k="x"} 90.0' in lines
+    assert "g 7.0" in lines
+    assert lines.count("# TYPE c counter") == 1
+    assert lines.index("# TYPE c counter") < lines.index('c_total{k="x"} 7.0')
