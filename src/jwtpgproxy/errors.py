@@ -13,6 +13,7 @@ carries internal details, tokens or passwords (DESIGN.md, principle 8).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 # SQLSTATE codes used by the proxy (PostgreSQL Appendix A, "Error Codes").
@@ -26,6 +27,7 @@ TOO_MANY_CONNECTIONS = "53300"
 ADMIN_SHUTDOWN = "57P01"
 CANNOT_CONNECT_NOW = "57P03"
 INTERNAL_ERROR = "XX000"
+_SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 
 
 class ProxyError(Exception):
@@ -169,15 +171,23 @@ class UpstreamErrorResponse(UpstreamError):
         message = fields.get("M", "upstream error")
         super().__init__(f"upstream refused login: {fields.get('C', '?????')} {message}")
         self.fields = dict(fields)
-        self.sqlstate = fields.get("C", INTERNAL_ERROR)
+        code = fields.get("C", "")
+        # A SQLSTATE is five characters of [0-9A-Z]; anything else is replaced.
+        self.sqlstate = code if _SQLSTATE.fullmatch(code) else INTERNAL_ERROR
         self.severity = fields.get("S", "FATAL")
         self.client_message = message
 
     def client_fields(self) -> dict[str, str]:
         # Relay what the server said, minus fields that could leak server internals
         # (file, line, routine) -- they describe upstream's source code, not the client's
-        # problem.
-        return {k: v for k, v in self.fields.items() if k not in {"F", "L", "R"}}
+        # problem. S, V, C and M are always present in an ErrorResponse (55.8); a server
+        # that leaves one out still yields a well-formed FATAL for the client.
+        relayed = {k: v for k, v in self.fields.items() if k not in {"F", "L", "R"}}
+        relayed["S"] = self.severity
+        relayed["V"] = self.fields.get("V", self.severity)
+        relayed["C"] = self.sqlstate
+        relayed["M"] = self.client_message
+        return relayed
 
 
 class ConfigError(Exception):

@@ -24,6 +24,9 @@ from .scram import MECHANISM, MECHANISM_PLUS, ScramError, ScramSha256Client
 
 #: Upstream messages during login are small (ParameterStatus, errors); cap them.
 MAX_LOGIN_MESSAGE_LENGTH = 65536
+#: Everything relayed from one login (ParameterStatus, notices): PostgreSQL sends about
+#: 1 KiB; a server sending megabytes before ReadyForQuery is broken or hostile.
+MAX_LOGIN_RELAY_BYTES = 1024 * 1024
 #: SQLSTATE of a failed password check upstream (invalid_password).
 _UPSTREAM_PASSWORD_FAILED = "28P01"  # noqa: S105
 
@@ -104,6 +107,7 @@ class UpstreamLogin:
         self._scram: ScramSha256Client | None = None
         self._method = "trust"
         self._relay: list[wire.BackendMessage] = []
+        self._relay_bytes = 0
         self._status: dict[str, str] = {}
         self._backend_key: tuple[int, bytes] | None = None
 
@@ -153,7 +157,7 @@ class UpstreamLogin:
         if tag == b"E":
             self._on_error(wire.decode_fields(message.body))
         if tag == b"N":
-            self._relay.append(message)
+            self._keep(message)
             return None
         if self._phase is Phase.AFTER_AUTH:
             return self._after_auth(message)
@@ -177,6 +181,15 @@ class UpstreamLogin:
             raise UpstreamProtocolError(f"upstream negotiated protocol {major}.{minor} unasked")
         self.protocol_minor = minor
         return None
+
+    def _keep(self, message: wire.BackendMessage) -> None:
+        """Hold a message to relay to the client once login completes (bounded in total)."""
+        self._relay_bytes += len(message.body) + 5
+        if self._relay_bytes > MAX_LOGIN_RELAY_BYTES:
+            raise UpstreamProtocolError(
+                f"upstream sent over {MAX_LOGIN_RELAY_BYTES} bytes of messages during login"
+            )
+        self._relay.append(message)
 
     def _on_error(self, fields: dict[str, str]) -> None:
         if self._phase in (Phase.AUTHENTICATING, Phase.SASL) and (
@@ -264,7 +277,7 @@ class UpstreamLogin:
     def _authenticated(self, message: wire.BackendMessage) -> Event | None:
         """AuthenticationOk: relay it; ParameterStatus etc. follow until ReadyForQuery."""
         self._phase = Phase.AFTER_AUTH
-        self._relay.append(message)
+        self._keep(message)
         return None
 
     def _after_auth(self, message: wire.BackendMessage) -> Event | None:
@@ -272,7 +285,7 @@ class UpstreamLogin:
         if tag == b"S":
             name, value = wire.decode_parameter_status(message.body)
             self._status[name] = value
-            self._relay.append(message)
+            self._keep(message)
             return None
         if tag == b"K":
             if self._backend_key is not None:
@@ -282,7 +295,7 @@ class UpstreamLogin:
         if tag == b"Z":
             if len(message.body) != 1:
                 raise UpstreamProtocolError("ReadyForQuery of invalid length")
-            self._relay.append(message)
+            self._keep(message)
             self._phase = Phase.DONE
             return LoginComplete(
                 relay=tuple(self._relay),
