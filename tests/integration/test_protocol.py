@@ -151,13 +151,12 @@ def test_100_concurrent_cancels_hit_only_their_own_sessions(
         try:
             pids = [c.get_server_pid() for c in conns]
             assert len(set(pids)) == 100
-            tasks = [asyncio.create_task(c.fetchval("select pg_sleep(8)")) for c in conns]
+            tasks = [asyncio.create_task(c.fetchval("select pg_sleep(60)")) for c in conns]
             await asyncio.sleep(1.5)
             cancelled = set(pids[::2])
             for conn, task in zip(conns, tasks, strict=True):
                 if conn.get_server_pid() in cancelled:
                     task.cancel()  # asyncpg sends a CancelRequest for the running query
-            await asyncio.sleep(2)
             admin = await asyncpg.connect(
                 host=pg.host,
                 port=pg.port,
@@ -167,12 +166,19 @@ def test_100_concurrent_cancels_hit_only_their_own_sessions(
                 ssl=False,
             )
             try:
-                rows = await admin.fetch(
-                    "select pid, state from pg_stat_activity where pid = any($1::int[])", pids
-                )
+                # Poll (a loaded machine may take a while) until every cancelled session is
+                # idle; the others sleep for a minute, so they stay distinguishable.
+                for _ in range(150):
+                    rows = await admin.fetch(
+                        "select pid, state from pg_stat_activity where pid = any($1::int[])",
+                        pids,
+                    )
+                    state = {row["pid"]: row["state"] for row in rows}
+                    if all(state.get(pid) == "idle" for pid in cancelled):
+                        break
+                    await asyncio.sleep(0.1)
             finally:
                 await admin.close()
-            state = {row["pid"]: row["state"] for row in rows}
             assert all(state[pid] == "idle" for pid in cancelled), state
             assert all(state[pid] == "active" for pid in set(pids) - cancelled), state
             for task in tasks:
