@@ -106,7 +106,7 @@ def test_bad_tokens_get_uniform_28P01_and_nothing_upstream(
     assert recording_upstream.accepted == 0
     log = proxy_to_recorder.log()
     for reason in ("signature", "expired", "not_yet_valid", "subject_mismatch", "claims"):
-        assert f"reason=\"token rejected: {reason}" in log
+        assert f'reason="token rejected: {reason}' in log
     assert "algorithm 'none' not allowed" in log
     # No HMAC secret is configured, so an HS256 token has no key at all -- in particular
     # the RSA public key is never tried as an HMAC secret.
