@@ -13,12 +13,13 @@ import hmac
 import logging
 import secrets
 from dataclasses import dataclass, field
-from logging import WARNING
+from logging import INFO, WARNING
 
 from . import wire
 from .config import UpstreamTarget
 from .connection import ConnectionClosed, HandshakeProtocol
 from .logs import event
+from .metrics import Metrics
 from .upstream import connect_raw, negotiate_tls
 
 log = logging.getLogger("jwtpgproxy")
@@ -80,6 +81,22 @@ class CancelRegistry:
         if hmac.compare_digest(expected, request.secret_key) and entry is not None:
             return entry
         return None
+
+
+async def cancel_session(
+    target: UpstreamTarget, entry: CancelEntry, metrics: Metrics, **log_fields: object
+) -> None:
+    """A CancelRequest matched ``entry``: count it, log it, forward it upstream."""
+    metrics.cancel_requests.labels("forwarded").inc()
+    event(
+        log,
+        INFO,
+        "cancel request forwarded",
+        pid=entry.process_id,
+        upstream_tls=entry.upstream_tls,
+        **log_fields,
+    )
+    await forward_cancel(target, entry)
 
 
 async def forward_cancel(target: UpstreamTarget, entry: CancelEntry) -> None:

@@ -44,12 +44,11 @@ from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from .errors import ConfigError
-from .tokens import VerificationKey, algorithms_for_key
+from .tokens import PUBLIC_KEY_TYPES, VerificationKey, algorithms_for_key
 
 log = logging.getLogger("jwtpgproxy.jwks")
 
@@ -129,13 +128,7 @@ def _jwk_to_key(jwk: object, name: str) -> VerificationKey:
         key = loader(jwk)
     except (jwt.PyJWTError, ValueError, TypeError, KeyError, OverflowError) as exc:
         raise _Skip(f"invalid {kty} key ({str(exc)[:100]})") from None
-    if not isinstance(
-        key,
-        rsa.RSAPublicKey
-        | ec.EllipticCurvePublicKey
-        | ed25519.Ed25519PublicKey
-        | ed448.Ed448PublicKey,
-    ):
+    if not isinstance(key, PUBLIC_KEY_TYPES):
         raise _Skip(f"unsupported key type {type(key).__name__}")
     try:
         algorithms = algorithms_for_key(key, name)

@@ -27,7 +27,7 @@ from logging import INFO, WARNING
 
 from . import wire
 from .admin import AdminServer
-from .cancel import CancelRegistry, forward_cancel
+from .cancel import CancelRegistry, cancel_session
 from .config import Runtime, Settings, build_runtime, jwks_source, revocation_file
 from .errors import ConfigError, ProxyError
 from .jwks import JwksKeySource
@@ -206,16 +206,7 @@ class ProxyServer:
         entry = self.context.cancels.match(request)
         if entry is None:
             return False
-        self.metrics.cancel_requests.labels("forwarded").inc()
-        event(
-            log,
-            INFO,
-            "cancel request forwarded",
-            pid=entry.process_id,
-            via="peer worker",
-            upstream_tls=entry.upstream_tls,
-        )
-        await forward_cancel(self.runtime.upstream, entry)
+        await cancel_session(self.runtime.upstream, entry, self.metrics, via="peer worker")
         return True
 
     async def ready(self) -> tuple[bool, str]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 
 from . import frontend, wire
-from .cancel import CancelEntry, CancelRegistry, forward_cancel, secret_length
+from .cancel import CancelEntry, CancelRegistry, cancel_session, secret_length
 from .config import Runtime
 from .connection import ConnectionClosed, HandshakeProtocol, format_peer
 from .errors import (
@@ -391,17 +391,7 @@ class Session:
             self.metrics.cancel_requests.labels("unmatched").inc()
             event(log, INFO, "cancel request ignored: no such session", client=self.peer, tls=tls)
             return
-        self.metrics.cancel_requests.labels("forwarded").inc()
-        event(
-            log,
-            INFO,
-            "cancel request forwarded",
-            pid=entry.process_id,
-            client=self.peer,
-            tls=tls,
-            upstream_tls=entry.upstream_tls,
-        )
-        await forward_cancel(self.runtime.upstream, entry)
+        await cancel_session(self.runtime.upstream, entry, self.metrics, client=self.peer, tls=tls)
 
     def _fail(self, exc: ProxyError) -> None:
         fields = {"user": self.user, "database": self.database, "client": self.peer}

@@ -69,6 +69,13 @@ __all__ = [
 PublicKey = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 )
+#: The same union, for isinstance() checks on keys loaded from PEM or JWK.
+PUBLIC_KEY_TYPES = (
+    rsa.RSAPublicKey,
+    ec.EllipticCurvePublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+)
 
 MIN_RSA_BITS = 2048
 _RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
@@ -233,13 +240,7 @@ def load_verification_key(pem: str, *, name: str, kid: str | None = None) -> Ver
             loaded = load_pem_public_key(data)
     except ValueError as exc:
         raise ConfigError(f"{name}: not a PEM public key or certificate ({exc})") from None
-    if not isinstance(
-        loaded,
-        rsa.RSAPublicKey
-        | ec.EllipticCurvePublicKey
-        | ed25519.Ed25519PublicKey
-        | ed448.Ed448PublicKey,
-    ):
+    if not isinstance(loaded, PUBLIC_KEY_TYPES):
         raise ConfigError(f"{name}: unsupported key type {type(loaded).__name__}")
     return VerificationKey(name, loaded, algorithms_for_key(loaded, name), kid)
 

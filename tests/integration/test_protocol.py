@@ -57,7 +57,7 @@ def test_psycopg3_cancel(proxy: ProxyProcess, token_for: Callable[..., str], met
         # The session is usable afterwards (psycopg had opened a transaction).
         conn.rollback()
         assert conn.execute("select 1").fetchone() == (1,)
-    expected_tls = "tls=True" if method == "cancel_safe" else "tls=False"
+    expected_tls = " tls=True" if method == "cancel_safe" else " tls=False"  # not upstream_tls
     line = next(x for x in proxy.log().splitlines() if f"cancel request forwarded: pid={pid} " in x)
     assert expected_tls in line
 
