@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import ctypes
 import datetime
 import json
 import os
@@ -85,8 +86,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tune_malloc() -> bool:
+    """Keep glibc's heap from fragmenting under connection churn; True if applied.
+
+    Measured (18 000 sessions aborted mid-query over a TLS upstream): with glibc's defaults
+    the proxy's RSS kept climbing (~1.9 KB per session, Python heap flat); with at most two
+    malloc arenas and large blocks (>= 64 KiB: TLS and socket buffers) served by mmap, so
+    they go back to the OS when freed, it stayed flat. Same as MALLOC_ARENA_MAX=2
+    MALLOC_MMAP_THRESHOLD_=65536, but without relying on the environment.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold, m_arena_max = -3, -8  # from glibc's <malloc.h>
+        return bool(libc.mallopt(m_arena_max, 2)) and bool(
+            libc.mallopt(m_mmap_threshold, 64 * 1024)
+        )
+    except (OSError, AttributeError):
+        return False  # not glibc (e.g. musl): nothing to tune
+
+
 def _serve(worker_args: argparse.Namespace | None = None) -> int:
     """The daemon: one process, or (WORKERS > 1) a supervisor of worker processes."""
+    tune_malloc()
     from .config import load_settings, upstream_target
     from .logs import configure
     from .server import serve

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -193,3 +194,11 @@ def test_parse_duration(text: str, seconds: int) -> None:
 def test_parse_duration_refused(text: str) -> None:
     with pytest.raises(ConfigError, match=r"^--ttl:"):
         parse_duration(text)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_tune_malloc_applies_on_glibc() -> None:
+    """The daemon bounds heap fragmentation under connection churn (see tune_malloc)."""
+    from jwtpgproxy.cli import tune_malloc
+
+    assert tune_malloc() is True
