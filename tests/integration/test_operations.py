@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import re
 import shutil
@@ -19,10 +18,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from harness import Postgres, ProxyProcess, RawClient, free_port
+from harness import Postgres, ProxyProcess, RawClient, free_port, write_self_signed
 from test_clients import proxy_dsn
 from test_failures import bad_tokens
 
@@ -190,32 +187,6 @@ def test_second_sigint_exits_at_once(
     conn.close()
 
 
-def _write_cert(directory: Path, common_name: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def _served_common_name(port: int) -> str:
     client = RawClient(port)
     client.start_tls()
@@ -230,7 +201,7 @@ def _served_common_name(port: int) -> str:
 def test_sighup_reloads_certificate_and_keeps_sessions(
     start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str], tmp_path: Path
 ) -> None:
-    cert, key = _write_cert(tmp_path, "first")
+    cert, key = write_self_signed(tmp_path, "first")
     metrics_port = free_port()
     proxy = start_proxy(
         DOWNSTREAM__CERTFILE=str(cert),
@@ -242,7 +213,7 @@ def test_sighup_reloads_certificate_and_keeps_sessions(
     with psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user"))) as conn:
         staging = tmp_path / "next"
         staging.mkdir()
-        new_cert, new_key = _write_cert(staging, "second")
+        new_cert, new_key = write_self_signed(staging, "second")
         shutil.copy(new_cert, cert)
         shutil.copy(new_key, key)
         proxy.process.send_signal(signal.SIGHUP)
