@@ -13,9 +13,10 @@ import dataclasses
 import enum
 import ipaddress
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +38,8 @@ from .tokens import (
     load_hmac_secret,
     load_verification_key,
 )
+
+T = TypeVar("T")
 
 
 class UpstreamSSLMode(enum.StrEnum):
@@ -299,17 +302,33 @@ def _key_order(index: str) -> tuple[int, str]:
     return (int(index), index) if index.isdigit() else (1 << 62, index)
 
 
+def _indexed(
+    values: dict[str, str],
+    ids: dict[str, str],
+    prefix: str,
+    ids_prefix: str,
+    load: Callable[..., T],
+) -> list[T]:
+    """Load ``<prefix>__<i>`` values in index order, each with its ``<ids_prefix>__<i>``
+    key id; an id without a value is a configuration error."""
+    unknown = set(ids) - set(values)
+    if unknown:
+        index = min(unknown, key=_key_order)
+        raise ConfigError(f"{ids_prefix}__{index}: no {prefix}__{index} to name")
+    return [
+        load(values[index], name=f"{prefix}__{index}", kid=ids.get(index))
+        for index in sorted(values, key=_key_order)
+    ]
+
+
 def _verification_keys(settings: Settings) -> list[VerificationKey]:
-    unknown_ids = set(settings.public_key_ids) - set(settings.public_keys)
-    if unknown_ids:
-        index = sorted(unknown_ids, key=_key_order)[0]
-        raise ConfigError(f"PUBLIC_KEY_IDS__{index}: no PUBLIC_KEYS__{index} to name")
-    keys = []
-    for index in sorted(settings.public_keys, key=_key_order):
-        name = f"PUBLIC_KEYS__{index}"
-        kid = settings.public_key_ids.get(index)
-        keys.append(load_verification_key(settings.public_keys[index], name=name, kid=kid))
-    return keys
+    return _indexed(
+        settings.public_keys,
+        settings.public_key_ids,
+        "PUBLIC_KEYS",
+        "PUBLIC_KEY_IDS",
+        load_verification_key,
+    )
 
 
 def _names(text: str) -> frozenset[str]:
@@ -336,20 +355,13 @@ def claim_policy(token: TokenSettings) -> ClaimPolicy:
 
 
 def _hmac_secrets(token: TokenSettings) -> list[HmacSecret]:
-    unknown = set(token.hmac_secret_ids) - set(token.hmac_secrets)
-    if unknown:
-        index = min(unknown)
-        raise ConfigError(
-            f"TOKEN__HMAC_SECRET_IDS__{index}: no TOKEN__HMAC_SECRETS__{index} to name"
-        )
-    return [
-        load_hmac_secret(
-            token.hmac_secrets[index],
-            name=f"TOKEN__HMAC_SECRETS__{index}",
-            kid=token.hmac_secret_ids.get(index),
-        )
-        for index in sorted(token.hmac_secrets, key=_key_order)
-    ]
+    return _indexed(
+        token.hmac_secrets,
+        token.hmac_secret_ids,
+        "TOKEN__HMAC_SECRETS",
+        "TOKEN__HMAC_SECRET_IDS",
+        load_hmac_secret,
+    )
 
 
 def jwks_source(settings: Settings) -> JwksKeySource | None:
@@ -456,9 +468,3 @@ def upstream_target(settings: Settings) -> UpstreamTarget:
             settings.keepalive.idle, settings.keepalive.interval, settings.keepalive.count
         ),
     )
-
-
-def load_runtime() -> Runtime:
-    """Settings and runtime from the environment, without a JWKS source (for tools that
-    need no keys from the network)."""
-    return build_runtime(load_settings())

@@ -104,10 +104,6 @@ class HandshakeProtocol(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
-    def unread(self, data: bytes) -> None:
-        """Put back bytes a state machine did not consume (they precede new data)."""
-        self._buffer[:0] = data
-
     def write(self, data: bytes) -> None:
         if self.transport is None or self._lost or self.transport.is_closing():
             raise ConnectionClosed("cannot write: connection closed")

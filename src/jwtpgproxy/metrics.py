@@ -15,20 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-#: Login outcome reasons besides the token Rejection codes (tokens.Rejection values).
+#: The reason label of a successful login; failures use their error's metric_reason.
 LOGIN_OK = "ok"
-FAILURE_REASONS = (
-    "upstream_unavailable",
-    "upstream_auth_failed",
-    "upstream_error",
-    "protocol_violation",
-    "encryption_required",
-    "too_many_connections",
-    "timeout",
-    "client_disconnected",
-    "shutting_down",
-    "internal_error",
-)
 
 
 class ByteCounts(Protocol):

@@ -85,10 +85,6 @@ class ProxyServer:
     def metrics(self) -> Metrics:
         return self.context.metrics
 
-    @property
-    def sessions(self) -> int:
-        return len(self._tasks)
-
     def _live_sessions(self) -> Iterator[Session]:
         return iter(list(self._tasks.values()))
 

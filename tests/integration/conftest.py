@@ -126,6 +126,20 @@ def recording_upstream() -> Iterator[RecordingUpstream]:
 
 
 @pytest.fixture
+def proxy_to_recorder(
+    start_proxy: ProxyFactory, recording_upstream: RecordingUpstream
+) -> ProxyProcess:
+    """A proxy whose upstream is the recording listener: shows whether a refused client
+    caused any upstream connection at all."""
+    return start_proxy(
+        UPSTREAM__HOST="127.0.0.1",
+        UPSTREAM__PORT=str(recording_upstream.port),
+        UPSTREAM__SSLMODE="disable",
+        UPSTREAM__SSLROOTCERT=None,
+    )
+
+
+@pytest.fixture
 def token_for(keys: dict[str, KeyPair]) -> Callable[..., str]:
     def make(sub: str, key: str = "ed25519", ttl: float = 300, **claims: object) -> str:
         pair = keys[key]

@@ -112,18 +112,6 @@ def hostile_tokens(keys: dict[str, KeyPair]) -> dict[str, str]:
     return tokens
 
 
-@pytest.fixture
-def proxy_to_recorder(
-    start_proxy: Callable[..., ProxyProcess], recording_upstream: RecordingUpstream
-) -> ProxyProcess:
-    return start_proxy(
-        UPSTREAM__HOST="127.0.0.1",
-        UPSTREAM__PORT=str(recording_upstream.port),
-        UPSTREAM__SSLMODE="disable",
-        UPSTREAM__SSLROOTCERT=None,
-    )
-
-
 def _assert_uniform_28p01(proxy: ProxyProcess, token: str, case: str) -> None:
     client = RawClient(proxy.port)
     try:

@@ -72,18 +72,6 @@ def _signed_without_exp(pair: KeyPair) -> str:
     return f"{header}.{payload}.{b64url(pair.private.sign(signing_input))}"  # type: ignore[call-arg]
 
 
-@pytest.fixture
-def proxy_to_recorder(
-    start_proxy: Callable[..., ProxyProcess], recording_upstream: RecordingUpstream
-) -> ProxyProcess:
-    return start_proxy(
-        UPSTREAM__HOST="127.0.0.1",
-        UPSTREAM__PORT=str(recording_upstream.port),
-        UPSTREAM__SSLMODE="disable",
-        UPSTREAM__SSLROOTCERT=None,
-    )
-
-
 def test_bad_tokens_get_uniform_28P01_and_nothing_upstream(
     proxy_to_recorder: ProxyProcess,
     recording_upstream: RecordingUpstream,
