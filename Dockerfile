@@ -7,7 +7,7 @@
 #       -e DOWNSTREAM__CERTFILE=/tls/server.crt -e DOWNSTREAM__KEYFILE=/tls/server.key \
 #       -v "$PWD/tls:/tls:ro" jwt-postgresql-proxy
 #
-# Configuration is by environment variables only (src/jwtpgproxy/config.py). Nothing secret
+# Configuration is by environment variables only (src/jwtpgproxy/ops/config.py). Nothing secret
 # is baked in: the upstream password, the public keys and the TLS certificate and key are
 # supplied at run time. docker-compose.yml is a complete local demo; deploy/kubernetes/ has
 # Kubernetes examples. Port 9187 serves GET /metrics (Prometheus), /healthz and /readyz.
@@ -48,7 +48,7 @@ COPY --chmod=0755 docker/gen-certs.sh /usr/local/bin/gen-certs
 # 9187 is only a convention of this project (no registered port; note that the Prometheus
 # postgres_exporter also defaults to 9187 -- set METRICS__PORT to something else if one runs
 # in the same network namespace). Every ENV here must be a setting of
-# jwtpgproxy.config.Settings; tests/test_packaging.py checks it.
+# jwtpgproxy.ops.config.Settings; tests/test_packaging.py checks it.
 ENV DOWNSTREAM__IP=0.0.0.0 \
     DOWNSTREAM__PORT=5432 \
     METRICS__HOST=0.0.0.0 \

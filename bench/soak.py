@@ -39,7 +39,7 @@ from cryptography.x509.oid import NameOID
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from jwtpgproxy import wire  # noqa: E402
+from jwtpgproxy.protocol import wire  # noqa: E402
 
 USER = "scram_user"
 

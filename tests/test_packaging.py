@@ -2,7 +2,7 @@
 Kubernetes examples in deploy/kubernetes/.
 
 No Docker engine is needed: the files are parsed and checked against the package itself
-(``jwtpgproxy.config.Settings`` and ``pyproject.toml``), so a renamed or new setting, a
+(``jwtpgproxy.ops.config.Settings`` and ``pyproject.toml``), so a renamed or new setting, a
 changed port or a renamed console script shows up here. The compose demo is then replayed
 without containers: the "certs" service's script runs for real into temporary "volumes",
 the "token" service's command mints a token, the "proxy" service's entrypoint exports the
@@ -43,8 +43,8 @@ from unittest import mock
 import pytest
 from pydantic import BaseModel, SecretStr
 
-import jwtpgproxy.server
-from jwtpgproxy.config import Settings, build_runtime
+import jwtpgproxy.proxy.listener
+from jwtpgproxy.ops.config import Settings, build_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -218,7 +218,7 @@ def pyproject() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def console_script(pyproject: dict[str, Any]) -> str:
     scripts = pyproject["project"]["scripts"]
-    (name,) = (name for name, target in scripts.items() if target == "jwtpgproxy.cli:main")
+    (name,) = (name for name, target in scripts.items() if target == "jwtpgproxy.ops.cli:main")
     return name
 
 
@@ -582,8 +582,10 @@ def _duration(value: str) -> float:
 
 
 #: After SHUTDOWN_TIMEOUT the proxy ends the remaining sessions (pg_terminate_backend) and
-#: waits this long more at worst (server.py: the terminate grace, then 2 s for the tasks).
-AFTER_DRAIN_SECONDS = float(getattr(jwtpgproxy.server, "_TERMINATE_GRACE_SECONDS", 5.0)) + 2.0
+#: waits this long more at worst (proxy/listener.py: the terminate grace, then 2 s for the tasks).
+AFTER_DRAIN_SECONDS = (
+    float(getattr(jwtpgproxy.proxy.listener, "_TERMINATE_GRACE_SECONDS", 5.0)) + 2.0
+)
 SHUTDOWN_TIMEOUT_DEFAULT = float(Settings.model_fields["shutdown_timeout"].default)
 
 
@@ -796,9 +798,9 @@ def test_compose_demo_replayed(
     runtime = build_runtime(Settings())  # type: ignore[call-arg]
     sub = interpolate(token_argv[token_argv.index("--sub") + 1])
     assert runtime.verifier.verify(token, sub).role == sub
-    assert runtime.downstream_ssl_context is not None
+    assert runtime.downstream.ssl_context is not None
     client = ssl.create_default_context(cafile=str(keys / "server.crt"))
-    _handshake(client, runtime.downstream_ssl_context, "localhost")
+    _handshake(client, runtime.downstream.ssl_context, "localhost")
 
 
 # --- Kubernetes examples (deploy/kubernetes/) -------------------------------------------------

@@ -1,14 +1,43 @@
-"""One exception tree for the whole proxy.
+"""The one exception tree of the proxy.
 
-Every error that can end a client's session is a :class:`ProxyError`. Each knows the
-PostgreSQL ErrorResponse the client sees (severity, SQLSTATE, message) and, separately, the
-reason that goes to the log only. The split mirrors h11's Local/Remote errors:
+Every error the proxy raises on purpose is an :class:`Error`. Those that end (or refuse) a
+client's session are :class:`ProxyError`\\ s: each knows the PostgreSQL ErrorResponse the client
+sees (severity, SQLSTATE, message), the reason that goes to the log only, and the reason label
+of the ``jwtpgproxy_logins`` metric. The split under it mirrors h11's Local/Remote errors::
 
-* :class:`ClientError` -- the client broke the protocol or failed authentication;
-* :class:`UpstreamError` -- the real PostgreSQL server failed or refused us.
+    Error
+    ├── ConfigError                    a setting is missing or unusable (start-up, reload)
+    │   └── JwksError                  a JWKS or discovery document cannot be fetched or used
+    └── ProxyError                     ends a session; SQLSTATE XX000 unless a subclass says
+        ├── WireError                  malformed or oversized protocol bytes (sans-IO codec)
+        │   └── MessageTooLarge        a length word beyond its cap
+        ├── ClientError                caused by what the client sent, or did not send
+        │   ├── ProtocolViolation            08P01  (WireError from a client, re-raised)
+        │   ├── FeatureNotSupported          0A000  protocol 2.0, 4.0
+        │   ├── ClientDisconnected           08006  the client went away: nothing is sent
+        │   ├── TlsHandshakeFailed           08006  the client's TLS handshake failed
+        │   ├── DirectTlsNotAccepted         08006  direct TLS while TLS is disabled
+        │   ├── AuthenticationFailed         28P01  always the same text, like auth_failed()
+        │   │   └── TokenRejected            28P01  the token failed a rule (label: the rule)
+        │   ├── InvalidAuthorization         28000  a startup packet asking for what we refuse
+        │   │   └── EncryptionRequired       28000  plaintext while TLS is required
+        │   ├── TooManyConnections           53300
+        │   └── HandshakeTimeout             08P01  login not done within the deadline
+        ├── SessionEnded                   57P01  the proxy ends the session itself
+        │   ├── ServerShuttingDown               shutdown before the session was spliced
+        │   ├── TokenExpired                     TOKEN__END_SESSIONS_ON_EXPIRY
+        │   └── TokenRevoked                     TOKEN__END_SESSIONS_ON_REVOCATION
+        └── UpstreamError                  08006  caused by the real PostgreSQL server
+            ├── UpstreamUnavailable              TCP, TLS, timeout, or upstream hung up
+            ├── UpstreamProtocolError      08P01  (WireError from upstream, re-raised)
+            ├── UpstreamAuthenticationFailed 28000  the proxy's own login was refused
+            │   └── ScramError                   the SCRAM exchange with upstream failed
+            └── UpstreamErrorResponse      (upstream's own SQLSTATE) relayed login error
 
-Translation to bytes happens once, in :mod:`jwtpgproxy.session`. Client-facing text never
-carries internal details, tokens or passwords (DESIGN.md, principle 8).
+Errors become bytes in one place: :func:`jwtpgproxy.proxy.session.Session` sends
+:meth:`ProxyError.client_fields` as an ErrorResponse and logs :attr:`ProxyError.reason`.
+Client-facing text never carries internal details, tokens or passwords (DESIGN.md,
+principle 8); ``reason`` may name what exactly went wrong, but never a token or a password.
 """
 
 from __future__ import annotations
@@ -28,8 +57,31 @@ INTERNAL_ERROR = "XX000"
 _SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 
 
-class ProxyError(Exception):
+class Error(Exception):
     """Base of every error the proxy raises on purpose."""
+
+
+class ConfigError(Error):
+    """A setting is missing or unusable; stops start-up with one line (a reload keeps the
+    running configuration).
+
+    ``setting`` names the offending value in the raising module's own terms (a field or
+    parameter name); :mod:`jwtpgproxy.ops.config` turns it into the environment variable.
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        super().__init__(f"{setting}: {message}" if setting else message)
+        self.message = message
+        self.setting = setting
+
+
+class JwksError(ConfigError):
+    """A JWKS or discovery document could not be fetched or used. The text names the
+    (credential-free) location and the reason."""
+
+
+class ProxyError(Error):
+    """An error that ends or refuses a client's session."""
 
     metric_reason = "internal_error"
     severity: str = "FATAL"
@@ -37,21 +89,42 @@ class ProxyError(Exception):
     client_message: str = "internal error in proxy"
 
     def __init__(self, reason: str, *, client_message: str | None = None) -> None:
-        # ``reason`` is for the log: it may name what exactly went wrong, but callers
-        # must never put a token or a password in it.
         super().__init__(reason)
         self.reason = reason
         if client_message is not None:
             self.client_message = client_message
 
-    def client_fields(self) -> dict[str, str]:
-        """The ErrorResponse fields the client sees (PostgreSQL protocol, 55.8)."""
+    def client_fields(self, user: str | None = None) -> dict[str, str]:
+        """The ErrorResponse fields the client sees (PostgreSQL protocol, 55.8).
+        ``user``: the startup user, for messages that name it."""
         return {
             "S": self.severity,
             "V": self.severity,
             "C": self.sqlstate,
             "M": self.client_message,
         }
+
+
+# --- Codec ---------------------------------------------------------------------------------
+
+
+class WireError(ProxyError):
+    """Malformed or oversized protocol data, from the sans-IO codec (:mod:`..protocol.wire`).
+
+    The state machine that fed the bytes re-raises it as :class:`ProtocolViolation` (from a
+    client) or :class:`UpstreamProtocolError` (from upstream), so the client sees who broke
+    the protocol."""
+
+    metric_reason = "protocol_violation"
+    sqlstate = PROTOCOL_VIOLATION
+    client_message = "invalid frontend message"
+
+
+class MessageTooLarge(WireError):
+    pass
+
+
+# --- Client side ---------------------------------------------------------------------------
 
 
 class ClientError(ProxyError):
@@ -78,20 +151,43 @@ class ClientDisconnected(ClientError):
     client_message = "connection closed"
 
 
+class TlsHandshakeFailed(ClientDisconnected):
+    """The client's TLS handshake failed; no ErrorResponse fits inside a handshake."""
+
+    metric_reason = "tls_handshake_failed"
+
+
+class DirectTlsNotAccepted(ClientDisconnected):
+    """A direct TLS ClientHello while TLS is disabled: closed, as PostgreSQL does."""
+
+    metric_reason = "tls_disabled"
+
+
 class AuthenticationFailed(ClientError):
-    """Token missing, malformed, unverifiable or not allowed.
+    """The client's password (its token) was not accepted.
 
     The client always sees the same text, whatever the reason -- PostgreSQL's
     ``auth_failed()`` does the same so that a client cannot probe which check failed.
     """
 
+    metric_reason = "invalid_token"
     sqlstate = INVALID_PASSWORD
 
-    def __init__(self, reason: str, *, user: str, metric_reason: str = "invalid_token") -> None:
-        super().__init__(reason, client_message=f'password authentication failed for user "{user}"')
-        self.user = user
-        #: The token Rejection code: a small fixed set, safe as a metrics label.
-        self.metric_reason = metric_reason
+    def client_fields(self, user: str | None = None) -> dict[str, str]:
+        fields = super().client_fields(user)
+        fields["M"] = f'password authentication failed for user "{user or ""}"'
+        return fields
+
+
+class TokenRejected(AuthenticationFailed):
+    """A token was refused. ``code`` (a :class:`jwtpgproxy.auth.policy.Rejection`, from a
+    small fixed set) is the metric label; ``detail`` is for the log."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"token rejected: {code}: {detail}")
+        self.code = code
+        self.detail = detail
+        self.metric_reason = str(code)
 
 
 class InvalidAuthorization(ClientError):
@@ -102,9 +198,8 @@ class InvalidAuthorization(ClientError):
     client_message = "invalid authorization specification"
 
 
-class EncryptionRequired(ClientError):
+class EncryptionRequired(InvalidAuthorization):
     metric_reason = "encryption_required"
-    sqlstate = INVALID_AUTHORIZATION_SPECIFICATION
     client_message = "SSL/TLS encryption is required to connect to this proxy"
 
 
@@ -114,16 +209,38 @@ class TooManyConnections(ClientError):
     client_message = "sorry, too many clients already"
 
 
-class ServerShuttingDown(ClientError):
+class HandshakeTimeout(ClientError):
+    metric_reason = "timeout"
+    sqlstate = PROTOCOL_VIOLATION
+    client_message = "canceling authentication due to timeout"
+
+
+# --- Ended by the proxy --------------------------------------------------------------------
+
+
+class SessionEnded(ProxyError):
+    """The proxy ends the session itself (AdminShutdown, 57P01)."""
+
     metric_reason = "shutting_down"
     sqlstate = ADMIN_SHUTDOWN
     client_message = "terminating connection due to administrator command"
 
 
-class HandshakeTimeout(ClientError):
-    metric_reason = "timeout"
-    sqlstate = PROTOCOL_VIOLATION
-    client_message = "canceling authentication due to timeout"
+class ServerShuttingDown(SessionEnded):
+    pass
+
+
+class TokenExpired(SessionEnded):
+    metric_reason = "expired"
+    client_message = "terminating connection because its token expired"
+
+
+class TokenRevoked(SessionEnded):
+    metric_reason = "revoked"
+    client_message = "terminating connection because its token was revoked"
+
+
+# --- Upstream side -------------------------------------------------------------------------
 
 
 class UpstreamError(ProxyError):
@@ -135,7 +252,7 @@ class UpstreamError(ProxyError):
 
 
 class UpstreamUnavailable(UpstreamError):
-    """TCP connect, TLS or timeout failure towards upstream."""
+    """TCP connect, TLS or timeout failure towards upstream, or upstream hung up."""
 
     metric_reason = "upstream_unavailable"
 
@@ -159,8 +276,16 @@ class UpstreamAuthenticationFailed(UpstreamError):
     client_message = "the proxy could not log in to the upstream PostgreSQL server"
 
 
+class ScramError(UpstreamAuthenticationFailed):
+    """The SCRAM exchange with upstream failed: the server's messages are malformed, or
+    its signature is wrong."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"SCRAM exchange with upstream failed: {reason}")
+
+
 class UpstreamErrorResponse(UpstreamError):
-    """Upstream refused the login with an ErrorResponse that is safe to relay as-is.
+    """Upstream refused the login with an ErrorResponse that is safe to relay.
 
     E.g. database does not exist (3D000), too many connections (53300), role may not log in.
     """
@@ -175,7 +300,7 @@ class UpstreamErrorResponse(UpstreamError):
         self.severity = fields.get("S", "FATAL")
         self.client_message = message
 
-    def client_fields(self) -> dict[str, str]:
+    def client_fields(self, user: str | None = None) -> dict[str, str]:
         # Relay what the server said, minus fields that could leak server internals
         # (file, line, routine) -- they describe upstream's source code, not the client's
         # problem. S, V, C and M are always present in an ErrorResponse (55.8); a server
@@ -186,7 +311,3 @@ class UpstreamErrorResponse(UpstreamError):
         relayed["C"] = self.sqlstate
         relayed["M"] = self.client_message
         return relayed
-
-
-class ConfigError(Exception):
-    """A setting is missing or unusable; stops start-up with one line."""

@@ -41,8 +41,12 @@ class _Event:
 
 
 def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
+    """Log event ``name`` with ``fields`` (never a token or a password). The field
+    ``exc_info``, an exception, logs its traceback too (for bugs, never for expected
+    failures)."""
     if logger.isEnabledFor(level):
-        logger.log(level, _Event(name, fields))
+        exc_info = fields.pop("exc_info", None)
+        logger.log(level, _Event(name, fields), exc_info=exc_info)
 
 
 class JsonFormatter(logging.Formatter):

@@ -39,15 +39,15 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.x509.oid import NameOID
 
-from jwtpgproxy.tokens import (
+from jwtpgproxy.auth.policy import Rejection
+from jwtpgproxy.auth.tokens import (
     Identity,
-    Rejection,
     TokenPolicy,
-    TokenRejected,
     TokenVerifier,
     VerificationKey,
     algorithms_for_key,
 )
+from jwtpgproxy.errors import TokenRejected
 
 NOW = 1_700_000_000.0
 USER = "alice"
@@ -227,7 +227,7 @@ def test_hmac_secret_never_verifies_asymmetric_and_vice_versa() -> None:
     """When an HMAC secret is configured next to public keys (newer versions), HS256 MACed
     with the *public* key still fails, and an RS256-labelled token MACed with the secret
     fails: a key is used with its own algorithm family only. RFC 8725 3.1 / 2.7."""
-    import jwtpgproxy.tokens as tokens_module
+    import jwtpgproxy.auth.tokens as tokens_module
 
     hmac_secret = getattr(tokens_module, "HmacSecret", None)
     if hmac_secret is None:

@@ -26,7 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from harness import KeyPair, ProxyProcess, RawClient, RawResult, mint
 
-from jwtpgproxy import wire
+from jwtpgproxy.protocol import wire
 
 MARKER = b"MALICIOUS-UPSTREAM-MARKER"
 PASSWORD = "fake-upstream-password"

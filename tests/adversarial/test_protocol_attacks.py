@@ -12,8 +12,8 @@ import struct
 
 import pytest
 
-from jwtpgproxy import frontend, wire
 from jwtpgproxy.errors import ClientDisconnected, ProxyError
+from jwtpgproxy.protocol import frontend, wire
 
 Mode = frontend.DownstreamSSLMode
 GSSENC = struct.pack("!iI", 8, wire.GSSENC_REQUEST_CODE)

@@ -42,16 +42,10 @@ import itertools
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from jwtpgproxy import frontend, login, scram, wire
-from jwtpgproxy.errors import ProxyError
-from jwtpgproxy.scram import ScramError, ScramSha256Client
-from jwtpgproxy.tokens import (
-    TokenPolicy,
-    TokenRejected,
-    TokenVerifier,
-    VerificationKey,
-    algorithms_for_key,
-)
+from jwtpgproxy.auth.tokens import TokenPolicy, TokenVerifier, VerificationKey, algorithms_for_key
+from jwtpgproxy.errors import ProxyError, ScramError, TokenRejected
+from jwtpgproxy.protocol import frontend, login, scram, wire
+from jwtpgproxy.protocol.scram import ScramSha256Client
 
 INTERESTING_INT32 = [
     0,

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from jwtpgproxy import wire
+from jwtpgproxy.protocol import wire
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from harness import KeyPair, Postgres, ProxyProcess, RawClient, RecordingUpstream, mint
 
-from jwtpgproxy import wire
+from jwtpgproxy.protocol import wire
 
 USER = "scram_user"
 UNIFORM = f'password authentication failed for user "{USER}"'

@@ -18,7 +18,7 @@ import psycopg2
 import pytest
 from harness import Postgres, ProxyProcess, RawClient
 
-from jwtpgproxy import wire
+from jwtpgproxy.protocol import wire
 
 
 def proxy_dsn(proxy: ProxyProcess, user: str, token: str, **extra: str) -> str:

@@ -27,7 +27,7 @@ from harness import (
 )
 from test_clients import proxy_dsn
 
-from jwtpgproxy import wire
+from jwtpgproxy.protocol import wire
 
 
 def b64url(data: bytes) -> str:

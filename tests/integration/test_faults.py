@@ -33,7 +33,7 @@ import psycopg
 import pytest
 from harness import Postgres, ProxyProcess, RawClient, read_env_file
 
-from jwtpgproxy import wire
+from jwtpgproxy.protocol import wire
 
 USER = "scram_user"
 LOAD_USER = "trust_user"

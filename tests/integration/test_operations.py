@@ -23,8 +23,8 @@ from harness import Postgres, ProxyProcess, RawClient, free_port, write_self_sig
 from test_clients import proxy_dsn
 from test_failures import bad_tokens
 
-from jwtpgproxy import wire
-from jwtpgproxy.connection import Keepalive, configure_socket
+from jwtpgproxy.protocol import wire
+from jwtpgproxy.proxy.connection import Keepalive, configure_socket
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:

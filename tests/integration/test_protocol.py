@@ -24,7 +24,7 @@ import pytest
 from harness import Postgres, ProxyProcess, RawClient
 from test_clients import proxy_dsn, psql_binary
 
-from jwtpgproxy import wire
+from jwtpgproxy.protocol import wire
 
 # --- Cancel -----------------------------------------------------------------------------
 

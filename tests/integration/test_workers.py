@@ -15,7 +15,7 @@ import pytest
 from harness import ProxyProcess, free_port
 from test_clients import proxy_dsn
 
-from jwtpgproxy.workers import merge_prometheus
+from jwtpgproxy.ops.workers import merge_prometheus
 
 
 def worker_pids(proxy: ProxyProcess) -> dict[int, int]:

@@ -1,11 +1,11 @@
-"""CancelRegistry (the synchronous part of jwtpgproxy.cancel): 55.2.8 "Canceling Requests"."""
+"""CancelRegistry (the synchronous part of jwtpgproxy.proxy.cancel): 55.2.8 "Canceling Requests"."""
 
 from __future__ import annotations
 
 import pytest
 
-from jwtpgproxy import wire
-from jwtpgproxy.cancel import SECRET_LENGTH_V30, CancelEntry, CancelRegistry
+from jwtpgproxy.protocol import wire
+from jwtpgproxy.proxy.cancel import SECRET_LENGTH_V30, CancelEntry, CancelRegistry
 
 UPSTREAM_SECRET = b"\x11\x22\x33\x44"
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import jwt
 import pytest
 
-from jwtpgproxy.cli import main, parse_duration
+from jwtpgproxy.auth.tokens import TokenPolicy, TokenVerifier, load_verification_key
 from jwtpgproxy.errors import ConfigError
-from jwtpgproxy.tokens import TokenPolicy, TokenVerifier, load_verification_key
+from jwtpgproxy.ops.cli import main, parse_duration
 
 EXPECTED_ALGORITHMS = {"ed25519": "EdDSA", "rsa": "RS256", "ec-p256": "ES256"}
 
@@ -199,6 +199,6 @@ def test_parse_duration_refused(text: str) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_tune_malloc_applies_on_glibc() -> None:
     """The daemon bounds heap fragmentation under connection churn (see tune_malloc)."""
-    from jwtpgproxy.cli import tune_malloc
+    from jwtpgproxy.ops.cli import tune_malloc
 
     assert tune_malloc() is True

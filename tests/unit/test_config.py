@@ -13,17 +13,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from jwtpgproxy.config import (
+from jwtpgproxy.errors import ConfigError
+from jwtpgproxy.ops.config import (
     Settings,
     UpstreamSettings,
-    UpstreamSSLMode,
     build_runtime,
     load_settings,
     upstream_ssl_context,
 )
-from jwtpgproxy.errors import ConfigError
-from jwtpgproxy.frontend import DownstreamSSLMode
-from jwtpgproxy.login import ChannelBindingPolicy
+from jwtpgproxy.protocol.frontend import DownstreamSSLMode
+from jwtpgproxy.protocol.login import ChannelBindingPolicy
+from jwtpgproxy.proxy.upstream import UpstreamSSLMode
 
 PASSWORD = "Upstream-Pa55word-never-shown"
 _PREFIXES = ("UPSTREAM", "DOWNSTREAM", "PUBLIC_KEYS", "PUBLIC_KEY_IDS", "TOKEN")
@@ -104,17 +104,19 @@ def test_minimal_env(env: pytest.MonkeyPatch) -> None:
     runtime = build_runtime(settings)
     assert runtime.upstream.host == "db.internal"
     assert runtime.upstream.port == 5432
-    assert runtime.upstream.password.get_secret_value() == PASSWORD
+    assert runtime.upstream.password == PASSWORD
+    assert PASSWORD not in repr(runtime.upstream)
     assert runtime.upstream.sslmode is UpstreamSSLMode.PREFER
     assert runtime.upstream.channel_binding is ChannelBindingPolicy.PREFER
     assert isinstance(runtime.upstream.ssl_context, ssl.SSLContext)
-    assert runtime.listen_hosts == ("127.0.0.1",)
-    assert runtime.listen_port == 5432
-    assert runtime.downstream_ssl_mode is DownstreamSSLMode.DISABLE
-    assert runtime.downstream_ssl_context is None
+    assert runtime.downstream.hosts == ("127.0.0.1",)
+    assert runtime.downstream.port == 5432
+    assert runtime.downstream.ssl_mode is DownstreamSSLMode.DISABLE
+    assert runtime.downstream.ssl_context is None
     assert [k.name for k in runtime.verifier.keys] == ["PUBLIC_KEYS__0"]
     assert runtime.verifier.policy.leeway_seconds == 10.0
-    assert runtime.settings.log_level == "INFO"
+    assert runtime.limits.authentication_timeout == 60.0
+    assert runtime.downstream.max_password_length == 16385
 
 
 def test_settings_frozen(env: pytest.MonkeyPatch) -> None:
@@ -141,8 +143,8 @@ def test_other_settings(env: pytest.MonkeyPatch) -> None:
     assert runtime.upstream.connect_timeout == 2.5
     assert runtime.verifier.policy.leeway_seconds == 0
     assert runtime.verifier.policy.max_token_length == 4096
-    assert runtime.settings.log_level == "DEBUG"
-    assert runtime.listen_port == 0
+    assert runtime.downstream.max_password_length == 4097
+    assert runtime.downstream.port == 0
 
 
 def test_bad_log_level(env: pytest.MonkeyPatch) -> None:
@@ -394,10 +396,10 @@ def test_downstream_tls(env: pytest.MonkeyPatch, tls_files: tuple[Path, Path], m
     env.setenv("DOWNSTREAM__CERTFILE", str(tls_files[0]))
     env.setenv("DOWNSTREAM__KEYFILE", str(tls_files[1]))
     runtime = build_runtime(load_settings())
-    context = runtime.downstream_ssl_context
+    context = runtime.downstream.ssl_context
     assert isinstance(context, ssl.SSLContext)
     assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
-    assert runtime.downstream_ssl_mode == mode
+    assert runtime.downstream.ssl_mode == mode
 
 
 def test_downstream_cert_missing_file(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -426,7 +428,7 @@ def test_downstream_key_does_not_match_cert(
 
 def test_downstream_disable_without_certs(env: pytest.MonkeyPatch) -> None:
     runtime = build_runtime(load_settings())
-    assert runtime.downstream_ssl_context is None
+    assert runtime.downstream.ssl_context is None
 
 
 def test_downstream_bad_sslmode(env: pytest.MonkeyPatch) -> None:
@@ -445,7 +447,7 @@ def test_downstream_bad_sslmode(env: pytest.MonkeyPatch) -> None:
 )
 def test_downstream_ip(env: pytest.MonkeyPatch, value: str, hosts: tuple[str, ...]) -> None:
     env.setenv("DOWNSTREAM__IP", value)
-    assert build_runtime(load_settings()).listen_hosts == hosts
+    assert build_runtime(load_settings()).downstream.hosts == hosts
 
 
 @pytest.mark.parametrize("value", ["localhost", "127.0.0.1,", "256.0.0.1", "", "::1,example.com"])

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jwtpgproxy import wire
 from jwtpgproxy.errors import (
     ClientDisconnected,
     ClientError,
@@ -22,7 +21,8 @@ from jwtpgproxy.errors import (
     InvalidAuthorization,
     ProtocolViolation,
 )
-from jwtpgproxy.frontend import (
+from jwtpgproxy.protocol import wire
+from jwtpgproxy.protocol.frontend import (
     CancelReceived,
     DownstreamSSLMode,
     FrontendHandshake,

@@ -1,4 +1,4 @@
-"""The revocation list (jwtpgproxy.revocation): grammar, matching, caps, and reloading."""
+"""The revocation list (jwtpgproxy.auth.revocation): grammar, matching, caps, and reloading."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from jwtpgproxy.errors import ConfigError
-from jwtpgproxy.revocation import (
+from jwtpgproxy.auth.revocation import (
     FileSignature,
     RevocationFile,
     RevocationList,
     file_signature,
     parse_timestamp,
 )
+from jwtpgproxy.errors import ConfigError
 
 CUTOFF = 1_714_564_800  # 2024-05-01T12:00:00Z
 
@@ -30,7 +30,7 @@ def bad_line(text: str, line: int) -> str:
     with pytest.raises(ConfigError) as info:
         parse(text)
     message = str(info.value)
-    assert message.startswith(f"TOKEN__REVOCATION_FILE: revoked.txt:{line}: "), message
+    assert message.startswith(f"revocation file: revoked.txt:{line}: "), message
     return message
 
 
@@ -230,17 +230,17 @@ def test_load(tmp_path: Path) -> None:
 def test_load_error_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "revoked.txt"
     path.write_text("jti a\n\nnonsense\n")
-    with pytest.raises(ConfigError, match=rf"^TOKEN__REVOCATION_FILE: {path}:3: unknown"):
+    with pytest.raises(ConfigError, match=rf"^revocation file: {path}:3: unknown"):
         RevocationList.load(path)
 
 
 def test_load_missing(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^TOKEN__REVOCATION_FILE: .*cannot read"):
+    with pytest.raises(ConfigError, match=r"^revocation file: .*cannot read"):
         RevocationList.load(tmp_path / "missing")
 
 
 def test_load_directory(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"TOKEN__REVOCATION_FILE"):
+    with pytest.raises(ConfigError, match=r"^revocation file: "):
         RevocationList.load(tmp_path)
 
 

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jwtpgproxy import scram
-from jwtpgproxy.scram import ScramError, ScramSha256Client, saslprep
+from jwtpgproxy.errors import ScramError
+from jwtpgproxy.protocol import scram
+from jwtpgproxy.protocol.scram import ScramSha256Client, saslprep
 
 # RFC 7677 section 3.
 RFC_NONCE = "rOprNGfwEbeRWgbNEkqO"

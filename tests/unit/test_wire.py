@@ -1,4 +1,4 @@
-"""Byte-level tests of jwtpgproxy.wire (framing, encoders, decoders).
+"""Byte-level tests of jwtpgproxy.protocol.wire (framing, encoders, decoders).
 
 Expected bytes are written by hand from the PostgreSQL documentation, chapter 55
 "Frontend/Backend Protocol", section 55.7 "Message Formats" and 55.8 "Error and Notice
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jwtpgproxy import wire
+from jwtpgproxy.protocol import wire
 
 # 55.7: SSLRequest code 80877103 = 0x04D2162F, GSSENCRequest 80877104 = 0x04D21630,
 # CancelRequest 80877102 = 0x04D2162E, protocol 3.0 = 196608 = 0x00030000.

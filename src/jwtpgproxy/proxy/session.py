@@ -1,5 +1,13 @@
 """One client's life: handshake, token verification, upstream login, splice.
 
+The session moves through explicit phases (:class:`Phase`, allowed moves in
+:data:`_TRANSITIONS`)::
+
+    ACCEPTED ──▶ TLS_HANDSHAKE ──▶ HANDSHAKE ──▶ VERIFYING ──▶ LOGGING_IN ──▶ SPLICED
+       │  direct TLS ▲    │ SSLRequest ▲  │ CancelRequest
+       └─────────────┼────┴────────────┘  └──▶ CANCEL
+                     └── any phase ──▶ CLOSED
+
 This is the one place where errors become bytes: any :class:`ProxyError` raised before the
 splice is sent to the client as an ErrorResponse built from the error's client-facing fields,
 and logged with its reason (DESIGN.md principle 3). Nothing reaches upstream before the token
@@ -10,38 +18,66 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from logging import INFO, WARNING
+from dataclasses import dataclass, field
+from logging import ERROR, INFO, WARNING
 
-from . import frontend, wire
-from .cancel import CancelEntry, CancelRegistry, cancel_session, secret_length
-from .config import Runtime
-from .connection import ConnectionClosed, HandshakeProtocol, format_peer
-from .errors import (
+from ..auth.tokens import Identity
+from ..errors import (
     AuthenticationFailed,
     ClientDisconnected,
+    DirectTlsNotAccepted,
     HandshakeTimeout,
     ProtocolViolation,
     ProxyError,
     ServerShuttingDown,
+    SessionEnded,
+    TlsHandshakeFailed,
+    TokenExpired,
     TooManyConnections,
     UpstreamAuthenticationFailed,
 )
-from .logs import event
+from ..logs import event
+from ..protocol import frontend, wire
+from .cancel import CancelEntry, CancelRegistry, cancel_session, secret_length
+from .connection import HandshakeProtocol, format_peer
 from .metrics import Metrics
+from .runtime import Runtime
 from .splice import Splice
-from .tokens import Identity, TokenRejected
 from .upstream import UpstreamConnection, describe, open_upstream
 
 log = logging.getLogger("jwtpgproxy")
 
 #: First byte of a TLS record carrying a handshake message (RFC 8446 5.1, ContentType 22).
 TLS_HANDSHAKE_RECORD = 0x16
+
+
+class Phase(enum.Enum):
+    ACCEPTED = enum.auto()  # socket accepted, nothing read yet
+    TLS_HANDSHAKE = enum.auto()  # a TLS handshake with the client is under way
+    HANDSHAKE = enum.auto()  # startup negotiation: SSLRequest, startup packet, password
+    CANCEL = enum.auto()  # the connection carried a CancelRequest (no reply, ever)
+    VERIFYING = enum.auto()  # checking the token
+    LOGGING_IN = enum.auto()  # connecting and logging in to upstream
+    SPLICED = enum.auto()  # copying bytes both ways
+    CLOSED = enum.auto()  # final
+
+
+_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.ACCEPTED: frozenset({Phase.TLS_HANDSHAKE, Phase.HANDSHAKE}),
+    Phase.TLS_HANDSHAKE: frozenset({Phase.HANDSHAKE}),
+    Phase.HANDSHAKE: frozenset({Phase.TLS_HANDSHAKE, Phase.CANCEL, Phase.VERIFYING}),
+    Phase.CANCEL: frozenset(),
+    Phase.VERIFYING: frozenset({Phase.LOGGING_IN}),
+    Phase.LOGGING_IN: frozenset({Phase.SPLICED}),
+    Phase.SPLICED: frozenset(),
+    Phase.CLOSED: frozenset(),
+}
 
 
 async def _peek_first_byte(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
@@ -82,7 +118,7 @@ class ServerContext:
 @dataclass(slots=True)
 class _Startup:
     startup: wire.StartupMessage
-    token: str
+    token: str = field(repr=False)
     leftover: bytes
 
 
@@ -100,33 +136,57 @@ class Session:
         ``over_limit``: the server is at its client limit; once the startup packet is read
         the client gets FATAL 53300, before any password is asked (as PostgreSQL does).
         """
+        self._context = context
         self.runtime = context.runtime
-        self.cancels = context.cancels
-        self.metrics = context.metrics
-        self._cancel_on_peers = context.cancel_on_peers
         self._over_limit = over_limit
+        self._on_spliced = on_spliced
         self._sock = sock
         self.client = HandshakeProtocol(self.runtime.keepalive)  # connected by _accept()
         self.peer = format_peer(sock)
-        self.user: str | None = None
-        self.database: str | None = None
-        self._splice: Splice | None = None
-        self._upstream: UpstreamConnection | None = None
-        self._cancel_entry: CancelEntry | None = None
-        self._on_spliced = on_spliced
-        self._tls_handshaking = False
-        self.protocol_minor = 0
-        #: The upstream role, database and backend pid once spliced (for termination).
-        self.role: str | None = None
-        self.upstream_pid: int | None = None
+        self.phase = Phase.ACCEPTED
+        #: The client's startup packet, once read.
+        self.startup: wire.StartupMessage | None = None
         #: The verified token (its claims decide revocation of a live session).
         self.identity: Identity | None = None
+        self.upstream: UpstreamConnection | None = None
+        self._splice: Splice | None = None
+        self._cancel_entry: CancelEntry | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
-        self._is_cancel = False
+        self.protocol_minor = 0
+
+    def _move(self, new: Phase) -> None:
+        if new not in _TRANSITIONS[self.phase]:
+            raise RuntimeError(f"illegal session transition {self.phase} -> {new}")
+        self.phase = new
+
+    @property
+    def user(self) -> str | None:
+        return self.startup.user if self.startup is not None else None
+
+    @property
+    def database(self) -> str | None:
+        return self.startup.database if self.startup is not None else None
 
     @property
     def spliced(self) -> bool:
         return self._splice is not None
+
+    @property
+    def upstream_pid(self) -> int | None:
+        """Upstream's backend process id, once logged in."""
+        if self.upstream is None or self.upstream.result.backend_key is None:
+            return None
+        return self.upstream.result.backend_key[0]
+
+    @property
+    def bytes_from_client(self) -> int:
+        spliced = self._splice.bytes_from_client if self._splice else 0
+        return self.client.bytes_received + spliced
+
+    @property
+    def bytes_to_client(self) -> int:
+        spliced = self._splice.bytes_to_client if self._splice else 0
+        return self.client.bytes_sent + spliced
 
     async def run(self) -> None:
         started = time.monotonic()
@@ -138,14 +198,14 @@ class Session:
         except asyncio.CancelledError:
             self._fail(ServerShuttingDown("session cancelled at shutdown"))
             raise
-        except Exception:
+        except Exception as exc:
             # A bug of ours: log it (tracebacks hold no token: we never format locals) and
             # give the client a generic error, never the details.
-            log.exception("internal error: client=%s user=%s", self.peer, self.user)
+            event(log, ERROR, "internal error", client=self.peer, user=self.user, exc_info=exc)
             self._fail(ProxyError("internal error"))
         finally:
             self._cleanup()
-            self.metrics.session_closed(self)
+            self._context.metrics.session_closed(self)
             event(
                 log,
                 INFO,
@@ -158,30 +218,20 @@ class Session:
                 bytes_to_client=self.bytes_to_client,
             )
 
-    @property
-    def bytes_from_client(self) -> int:
-        spliced = self._splice.bytes_from_client if self._splice else 0
-        return self.client.bytes_received + spliced
-
-    @property
-    def bytes_to_client(self) -> int:
-        spliced = self._splice.bytes_to_client if self._splice else 0
-        return self.client.bytes_sent + spliced
-
     async def _run(self) -> None:
+        timeout = self.runtime.limits.authentication_timeout
         try:
-            async with asyncio.timeout(self.runtime.settings.authentication_timeout):
+            async with asyncio.timeout(timeout):
                 direct_tls = await self._accept()
                 received = await self._client_handshake(direct_tls)
                 if received is None:
                     return  # a CancelRequest: handled, no reply
+                self._move(Phase.VERIFYING)
                 identity = self.identity = await self._verify(received)
+                self._move(Phase.LOGGING_IN)
                 upstream = await self._login_upstream(received.startup, identity)
         except TimeoutError:
-            raise HandshakeTimeout(
-                f"authentication not completed within "
-                f"{self.runtime.settings.authentication_timeout:g}s"
-            ) from None
+            raise HandshakeTimeout(f"authentication not completed within {timeout:g}s") from None
         await self._splice_with(upstream, received.leftover)
 
     async def _accept(self) -> bool:
@@ -197,23 +247,22 @@ class Session:
             raise ClientDisconnected("closed before sending anything")
         context = None
         if first[0] == TLS_HANDSHAKE_RECORD:
-            context = self.runtime.downstream_ssl_context
+            context = self.runtime.downstream.ssl_context
             if context is None:
-                raise ClientDisconnected("direct TLS attempted, but DOWNSTREAM__SSLMODE=disable")
-        self._tls_handshaking = context is not None
+                raise DirectTlsNotAccepted("direct TLS attempted, but TLS is disabled")
+            self._move(Phase.TLS_HANDSHAKE)
         try:
             transport, _ = await loop.connect_accepted_socket(
                 lambda: self.client,
                 self._sock,
                 ssl=context,
                 ssl_handshake_timeout=(
-                    self.runtime.settings.authentication_timeout if context else None
+                    self.runtime.limits.authentication_timeout if context else None
                 ),
             )
         except (OSError, ssl.SSLError) as exc:
-            raise ClientDisconnected(f"direct TLS handshake with client failed: {exc}") from None
-        finally:
-            self._tls_handshaking = False
+            raise TlsHandshakeFailed(f"direct TLS handshake with client failed: {exc}") from None
+        self._move(Phase.HANDSHAKE)
         if context is None:
             return False
         ssl_object = transport.get_extra_info("ssl_object")
@@ -228,29 +277,24 @@ class Session:
         return True
 
     async def _client_handshake(self, direct_tls: bool) -> _Startup | None:
+        downstream = self.runtime.downstream
         machine = frontend.FrontendHandshake(
-            self.runtime.downstream_ssl_mode,
-            max_password_length=self.runtime.settings.token.max_length + 1,
-            allow_replication=self.runtime.settings.upstream.allow_replication,
+            downstream.ssl_mode,
+            max_password_length=downstream.max_password_length,
+            allow_replication=downstream.allow_replication,
             direct_tls=direct_tls,
         )
         while True:
             step = machine.next_event()
             if isinstance(step, frontend.NeedData):
-                try:
-                    machine.receive_data(await self.client.read())
-                except ConnectionClosed:
-                    raise ClientDisconnected(
-                        "client closed the connection during handshake"
-                    ) from None
+                machine.receive_data(await self.client.read())
             elif isinstance(step, frontend.Reply):
                 self.client.write(step.data)
             elif isinstance(step, frontend.StartTLS):
                 await self._start_client_tls(step)
                 machine.tls_established()
             elif isinstance(step, frontend.PasswordRequested):
-                self.user = step.startup.user
-                self.database = step.startup.database
+                self.startup = step.startup
                 if self._over_limit:
                     raise TooManyConnections("max_client_connections reached")
                 self.client.write(step.data)
@@ -258,36 +302,29 @@ class Session:
                 self.protocol_minor = machine.protocol_minor
                 return _Startup(step.startup, step.password, machine.leftover())
             else:  # CancelReceived
+                self._move(Phase.CANCEL)
                 await self._handle_cancel(step.request, tls=machine.tls)
                 return None
 
     async def _start_client_tls(self, step: frontend.StartTLS) -> None:
-        context = self.runtime.downstream_ssl_context
+        context = self.runtime.downstream.ssl_context
         assert context is not None  # the machine only asks for TLS when it is configured
         self.client.write(step.data)
-        self._tls_handshaking = True
+        self._move(Phase.TLS_HANDSHAKE)
         try:
             await self.client.start_tls(
-                context,
-                server_side=True,
-                timeout=self.runtime.settings.authentication_timeout,
+                context, server_side=True, timeout=self.runtime.limits.authentication_timeout
             )
-        except (OSError, ssl.SSLError, ConnectionClosed) as exc:
-            raise ClientDisconnected(f"TLS handshake with client failed: {exc}") from None
-        finally:
-            self._tls_handshaking = False
+        except (OSError, ssl.SSLError, ClientDisconnected) as exc:
+            raise TlsHandshakeFailed(f"TLS handshake with client failed: {exc}") from None
+        self._move(Phase.HANDSHAKE)
 
     async def _verify(self, received: _Startup) -> Identity:
         startup = received.startup
-        try:
-            # Async only for the rare unknown-kid case: one JWKS refetch, then one retry.
-            identity = await self.runtime.verifier.verify_async(
-                received.token, startup.user, database=startup.database
-            )
-        except TokenRejected as exc:
-            raise AuthenticationFailed(
-                f"token rejected: {exc}", user=startup.user, metric_reason=exc.code.value
-            ) from None
+        # Async only for the rare unknown-kid case: one JWKS refetch, then one retry.
+        identity = await self.runtime.verifier.verify_async(
+            received.token, startup.user, database=startup.database
+        )
         event(
             log,
             INFO,
@@ -315,19 +352,16 @@ class Session:
             # The token's read-only scope: set after the client's own parameters, so no
             # startup parameter of the client's can undo it.
             parameters["default_transaction_read_only"] = "on"
-        idle = self.runtime.settings.idle_session_timeout
+        idle = self.runtime.limits.idle_session_timeout
         if idle:
             # PostgreSQL ends a session idle outside a transaction with FATAL 57P05 at a
             # message boundary -- which the proxy cannot find without parsing the stream.
             # Sent after the client's own parameters, so it overrides theirs.
             parameters["idle_session_timeout"] = f"{round(idle * 1000)}ms"
         started = time.monotonic()
-        upstream = await open_upstream(self.runtime.upstream, parameters, self.protocol_minor)
-        self.metrics.upstream_login_seconds.observe(time.monotonic() - started)
-        self._upstream = upstream
-        self.role = identity.role
-        if upstream.result.backend_key is not None:
-            self.upstream_pid = upstream.result.backend_key[0]
+        target = self.runtime.upstream
+        upstream = self.upstream = await open_upstream(target, parameters, self.protocol_minor)
+        self._context.metrics.upstream_login_seconds.observe(time.monotonic() - started)
         event(
             log,
             INFO,
@@ -335,7 +369,7 @@ class Session:
             user=self.user,
             database=self.database,
             client=self.peer,
-            upstream=describe(self.runtime.upstream),
+            upstream=describe(target),
             method=upstream.result.auth_method,
             tls=upstream.tls,
             seconds=f"{time.monotonic() - started:.4f}",
@@ -354,16 +388,17 @@ class Session:
         upstream_transport, upstream_rest = upstream.protocol.detach()
         if self.client.closed or upstream.protocol.closed:
             raise ClientDisconnected("a side closed while login completed")
-        token = self.runtime.settings.token
-        endable = token.end_sessions_on_expiry or token.end_sessions_on_revocation
-        self._splice = Splice(client_transport, upstream_transport, endable=endable)
+        self._splice = Splice(
+            client_transport, upstream_transport, endable=self.runtime.endable_sessions
+        )
         self._splice.start(bytes(to_client) + upstream_rest, client_leftover + client_rest)
-        self.metrics.login_succeeded()
-        if token.end_sessions_on_expiry and self.identity is not None:
+        self._move(Phase.SPLICED)
+        self._context.metrics.login_succeeded()
+        if self.runtime.end_sessions_on_expiry and self.identity is not None:
             loop = asyncio.get_running_loop()
             delay = max(self.identity.expires_at - time.time(), 0.0)
             self._expiry_timer = loop.call_later(
-                delay, self.end, "expired", "terminating connection because its token expired"
+                delay, self.end, TokenExpired("token expired during the session")
             )
         if self._on_spliced is not None:
             self._on_spliced(self)
@@ -372,28 +407,31 @@ class Session:
     def _backend_key_data(self, upstream: UpstreamConnection) -> bytes:
         assert upstream.result.backend_key is not None
         pid, upstream_secret = upstream.result.backend_key
-        self._cancel_entry = self.cancels.register(
+        self._cancel_entry = self._context.cancels.register(
             pid, upstream_secret, upstream.tls, secret_length(self.protocol_minor)
         )
         return wire.backend_key_data(pid, self._cancel_entry.proxy_secret)
 
     async def _handle_cancel(self, request: wire.CancelRequest, *, tls: bool) -> None:
-        self._is_cancel = True
-        entry = self.cancels.match(request)
+        context = self._context
+        entry = context.cancels.match(request)
         if (
             entry is None
-            and self._cancel_on_peers is not None
-            and await self._cancel_on_peers(request)  # the owning worker counts and logs it
+            and context.cancel_on_peers is not None
+            and await context.cancel_on_peers(request)  # the owning worker counts and logs it
         ):
             event(log, INFO, "cancel request passed to another worker", client=self.peer)
             return
         if entry is None:
-            self.metrics.cancel_requests.labels("unmatched").inc()
+            context.metrics.cancel_requests.labels("unmatched").inc()
             event(log, INFO, "cancel request ignored: no such session", client=self.peer, tls=tls)
             return
-        await cancel_session(self.runtime.upstream, entry, self.metrics, client=self.peer, tls=tls)
+        await cancel_session(
+            self.runtime.upstream, entry, context.metrics, client=self.peer, tls=tls
+        )
 
     def _fail(self, exc: ProxyError) -> None:
+        """Log ``exc`` and, where the protocol allows, send it to the client."""
         fields = {"user": self.user, "database": self.database, "client": self.peer}
         if isinstance(exc, AuthenticationFailed | UpstreamAuthenticationFailed):
             event(log, WARNING, "authentication failed", **fields, reason=exc.reason)
@@ -403,45 +441,47 @@ class Session:
             event(
                 log, WARNING, "session failed", **fields, sqlstate=exc.sqlstate, reason=exc.reason
             )
-        if self._splice is not None:
+        phase, self.phase = self.phase, Phase.CLOSED
+        if phase is Phase.SPLICED:
             return  # mid-stream: no protocol message fits in here
-        if not self._is_cancel:
-            self.metrics.login_failed(exc.metric_reason)
-        if self._tls_handshaking:
+        if phase is not Phase.CANCEL:
+            self._context.metrics.login_failed(exc.metric_reason)
+        if phase is Phase.TLS_HANDSHAKE:
             return  # mid-TLS-handshake: an ErrorResponse would only garble it
         if not isinstance(exc, ClientDisconnected) and not self.client.closed:
-            with contextlib.suppress(ConnectionClosed):
-                self.client.write(wire.error_response(exc.client_fields()))
+            with contextlib.suppress(ClientDisconnected):
+                self.client.write(wire.error_response(exc.client_fields(self.user)))
 
-    def end(self, reason: str, message: str) -> None:
-        """End a spliced session for a policy reason: the client reads FATAL 57P01 with
-        ``message`` between two of upstream's messages, then both sides close."""
+    def end(self, reason: SessionEnded) -> None:
+        """End a spliced session for a policy reason: the client reads ``reason`` (FATAL
+        57P01) between two of upstream's messages, then both sides close."""
         if self._splice is None:
             return
-        final = wire.error_response({"S": "FATAL", "V": "FATAL", "C": "57P01", "M": message})
+        final = wire.error_response(reason.client_fields(self.user))
         if self._splice.end_with(final):
-            self.metrics.sessions_ended_by_policy.labels(reason).inc()
+            self._context.metrics.sessions_ended_by_policy.labels(reason.metric_reason).inc()
             event(
                 log,
                 INFO,
                 "session ended by policy",
-                reason=reason,
+                reason=reason.metric_reason,
                 user=self.user,
                 database=self.database,
                 client=self.peer,
             )
 
     def _cleanup(self) -> None:
+        self.phase = Phase.CLOSED
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
         if self._cancel_entry is not None:
-            self.cancels.unregister(self._cancel_entry)
+            self._context.cancels.unregister(self._cancel_entry)
         if self._splice is None:
             self.client.close()
             if self.client.transport is None:
                 self._sock.close()  # never got a transport: the socket is still ours
-            if self._upstream is not None:
-                self._upstream.protocol.abort()
+            if self.upstream is not None:
+                self.upstream.protocol.abort()
         else:
             self._splice.close()
 

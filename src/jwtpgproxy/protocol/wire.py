@@ -14,6 +14,8 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from ..errors import MessageTooLarge, WireError
+
 # --- Protocol constants -------------------------------------------------------------------
 
 #: Protocol 3.0 as sent in a StartupMessage: major 3 in the high 16 bits, minor 0.
@@ -25,8 +27,7 @@ GSSENC_REQUEST_CODE = (1234 << 16) | 5680  # 80877104
 
 #: PostgreSQL's own cap on the startup packet (MAX_STARTUP_PACKET_LENGTH in pqcomm.h).
 MAX_STARTUP_PACKET_LENGTH = 10000
-#: A protocol 3.0 CancelRequest is exactly 16 bytes; 3.2 allows a key of up to 256 bytes.
-CANCEL_REQUEST_LENGTH_V30 = 16
+#: A protocol 3.0 cancel key is 4 bytes; 3.2 allows a key of up to 256 bytes.
 MAX_CANCEL_KEY_LENGTH = 256
 
 # Backend authentication request codes ('R' message, 55.7).
@@ -44,14 +45,6 @@ AUTH_SASL_FINAL = 12
 _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
 _TYPED_HEADER = struct.Struct("!ci")
-
-
-class WireError(Exception):
-    """Malformed or oversized protocol data."""
-
-
-class MessageTooLarge(WireError):
-    pass
 
 
 # --- Decoded messages ---------------------------------------------------------------------

@@ -7,8 +7,8 @@ and an explicit clock. It either returns a :class:`PolicyDecision` or raises
 set that is safe as a metrics label. Details name the rule and the claim, never a claim's value
 beyond what the operator configured, and never the token.
 
-The vocabulary of refusal (:class:`Rejection`, :class:`TokenRejected`) lives here because both
-this module and :mod:`jwtpgproxy.tokens` raise it; ``tokens`` re-exports both names.
+The vocabulary of refusal, :class:`Rejection`, lives here; the exception carrying it,
+:class:`jwtpgproxy.errors.TokenRejected`, lives in the one error tree.
 
 Defaults reproduce the behaviour before policies existed: ``exp`` and ``sub`` required, ``sub``
 equals the startup user, a token carrying ``aud`` is refused (RFC 7519 4.1.3: a recipient that
@@ -22,9 +22,9 @@ import hmac
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
-from .errors import ConfigError
+from ..errors import ConfigError, TokenRejected
 
 
 class Rejection(enum.StrEnum):
@@ -48,26 +48,28 @@ class Rejection(enum.StrEnum):
     REVOKED = "revoked"
 
 
-class TokenRejected(Exception):
-    """A token was refused; ``code`` is the metric-safe reason, ``detail`` is for the log."""
-
-    def __init__(self, code: Rejection, detail: str) -> None:
-        super().__init__(f"{code.value}: {detail}")
-        self.code = code
-        self.detail = detail
-
-
 #: NumericDate bound: a float holds every integer up to 2**53 exactly; anything larger is no
 #: date (and Python's int-to-float conversion of e.g. 10**400 would raise OverflowError).
 MAX_NUMERIC_DATE = 2**53
 
 
-def is_numeric_date(value: object) -> bool:
+def is_numeric_date(value: object) -> TypeGuard[int | float]:
     """A JSON number usable as a NumericDate (RFC 7519 section 2): not a bool, not a string."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     # Also false for NaN and infinities; compares ints exactly, without float conversion.
     return abs(value) <= MAX_NUMERIC_DATE
+
+
+def check_claim_types(claims: Mapping[str, Any], role_claim: str = "sub") -> None:
+    """``exp``/``nbf``/``iat`` are JSON numbers (PyJWT accepts numeric strings), ``sub``,
+    ``jti`` and the role claim strings; raise TokenRejected otherwise."""
+    for name in ("exp", "nbf", "iat"):
+        if name in claims and not is_numeric_date(claims[name]):
+            raise TokenRejected(Rejection.CLAIMS, f"claim {name!r} is not a number")
+    for name in {role_claim, "sub", "jti"}:
+        if name in claims and not isinstance(claims[name], str):
+            raise TokenRejected(Rejection.CLAIMS, f"claim {name[:40]!r} is not a string")
 
 
 def parse_scopes(value: object) -> frozenset[str]:
@@ -145,46 +147,46 @@ class ClaimPolicy:
                 object.__setattr__(self, name, frozenset(value))
 
     def validate(self) -> ClaimPolicy:
-        """Refuse contradictory or unusable settings; return self. Errors name the (proposed)
-        environment variable, e.g. ``TOKEN__MAX_AGE_SECONDS``."""
+        """Refuse contradictory or unusable settings; return self. A :class:`ConfigError`
+        names the offending field in its ``setting`` (e.g. ``max_age_seconds``)."""
 
-        def nonempty(value: str | None, variable: str) -> None:
+        def nonempty(value: str | None, name: str) -> None:
             if value is not None and (not value or value != value.strip()):
-                raise ConfigError(f"{variable}: must be non-empty, without surrounding spaces")
+                raise ConfigError("must be non-empty, without surrounding spaces", setting=name)
 
-        nonempty(self.issuer, "TOKEN__ISSUER")
-        nonempty(self.audience, "TOKEN__AUDIENCE")
-        nonempty(self.role_claim, "TOKEN__ROLE_CLAIM")
-        nonempty(self.tenant_claim, "TOKEN__TENANT_CLAIM")
-        nonempty(self.scope_claim, "TOKEN__SCOPE_CLAIM")
-        nonempty(self.databases_claim, "TOKEN__DATABASES_CLAIM")
+        nonempty(self.issuer, "issuer")
+        nonempty(self.audience, "audience")
+        nonempty(self.role_claim, "role_claim")
+        nonempty(self.tenant_claim, "tenant_claim")
+        nonempty(self.scope_claim, "scope_claim")
+        nonempty(self.databases_claim, "databases_claim")
         if self.audience is not None and self.ignore_audience:
-            raise ConfigError("TOKEN__IGNORE_AUDIENCE: cannot be set together with TOKEN__AUDIENCE")
+            raise ConfigError("cannot be set together with an audience", setting="ignore_audience")
         if (self.tenant_claim is None) != (self.tenant is None):
-            raise ConfigError("TOKEN__TENANT: TOKEN__TENANT and TOKEN__TENANT_CLAIM go together")
-        for variable, scopes in (
-            ("TOKEN__REQUIRED_SCOPES", self.required_scopes),
+            raise ConfigError("tenant and tenant_claim go together", setting="tenant")
+        for name, scopes in (
+            ("required_scopes", self.required_scopes),
             (
-                "TOKEN__READ_ONLY_SCOPE",
+                "read_only_scope",
                 frozenset() if self.read_only_scope is None else {self.read_only_scope},
             ),
         ):
             for scope in scopes:
                 if not scope or any(c.isspace() for c in scope):
-                    raise ConfigError(f"{variable}: a scope must be non-empty without spaces")
+                    raise ConfigError("a scope must be non-empty without spaces", setting=name)
         for claim in self.required_claims:
             if not claim:
-                raise ConfigError("TOKEN__REQUIRED_CLAIMS: claim names must be non-empty")
-        for variable, seconds in (
-            ("TOKEN__MAX_LIFETIME_SECONDS", self.max_lifetime_seconds),
-            ("TOKEN__MAX_AGE_SECONDS", self.max_age_seconds),
+                raise ConfigError("claim names must be non-empty", setting="required_claims")
+        for name, seconds in (
+            ("max_lifetime_seconds", self.max_lifetime_seconds),
+            ("max_age_seconds", self.max_age_seconds),
         ):
             if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
-                raise ConfigError(f"{variable}: must be a positive number of seconds")
+                raise ConfigError("must be a positive number of seconds", setting=name)
         if not self.require_exp and self.max_age_seconds is None:
             raise ConfigError(
-                "TOKEN__MAX_AGE_SECONDS: required when TOKEN__REQUIRE_EXP is false "
-                "(a token without exp must still age out)"
+                "required when exp is not required (a token without exp must still age out)",
+                setting="max_age_seconds",
             )
         return self
 
@@ -231,12 +233,7 @@ class ClaimPolicy:
         for name in required:
             if name not in claims:
                 raise TokenRejected(Rejection.CLAIMS, f"required claim {name[:40]!r} missing")
-        for name in ("exp", "nbf", "iat"):
-            if name in claims and not is_numeric_date(claims[name]):
-                raise TokenRejected(Rejection.CLAIMS, f"claim {name!r} is not a number")
-        for name in {self.role_claim, "sub", "jti"}:
-            if name in claims and not isinstance(claims[name], str):
-                raise TokenRejected(Rejection.CLAIMS, f"claim {name[:40]!r} is not a string")
+        check_claim_types(claims, self.role_claim)
 
     def _check_times(self, claims: Mapping[str, Any], now: float, leeway: float) -> float:
         """RFC 7519 4.1.4-4.1.6 with the leeway; return when the token lapses."""

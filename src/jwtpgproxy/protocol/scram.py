@@ -17,6 +17,8 @@ import secrets
 import stringprep
 import unicodedata
 
+from ..errors import ScramError
+
 MECHANISM = "SCRAM-SHA-256"
 MECHANISM_PLUS = "SCRAM-SHA-256-PLUS"
 CHANNEL_BINDING_TYPE = "tls-server-end-point"
@@ -27,10 +29,6 @@ MAX_NONCE_LENGTH = 1024
 MAX_SALT_LENGTH = 1024
 _RAW_NONCE_LENGTH = 18  # as libpq (SCRAM_RAW_NONCE_LEN)
 _PRINTABLE = frozenset(range(0x21, 0x7F)) - {ord(",")}
-
-
-class ScramError(Exception):
-    """The server's SCRAM messages are malformed, or its signature is wrong."""
 
 
 def saslprep(password: str) -> str:

@@ -16,27 +16,21 @@ boundary. A second SIGINT exits at once. SIGHUP reloads what lives in files.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import signal
 import socket
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from logging import INFO, WARNING
 
-from . import wire
-from .admin import AdminServer
+from ..errors import ConfigError, TokenRevoked
+from ..logs import event
+from ..protocol import wire
 from .cancel import CancelRegistry, cancel_session
-from .config import Runtime, Settings, build_runtime, jwks_source, revocation_file
-from .errors import ConfigError, ProxyError
-from .jwks import JwksKeySource
-from .logs import event
 from .metrics import Metrics
-from .revocation import RevocationFile, RevocationList
+from .runtime import Runtime
 from .session import ServerContext, Session
-from .upstream import connect_raw, terminate_backends
-from .workers import WorkerInfo, cancel_on_peers, start_control_server
+from .upstream import probe_upstream, terminate_backends
 
 log = logging.getLogger("jwtpgproxy")
 
@@ -55,24 +49,22 @@ class ProxyServer:
         self,
         runtime: Runtime,
         *,
-        key_source: JwksKeySource | None = None,
-        revocation: RevocationFile | None = None,
-        worker: WorkerInfo | None = None,
+        reload: Callable[[], Awaitable[Runtime]] | None = None,
+        reuse_port: bool = False,
+        cancel_on_peers: Callable[[wire.CancelRequest], Awaitable[bool]] | None = None,
     ) -> None:
-        """``key_source`` and ``revocation``: the long-lived JWKS source and revocation file
-        the runtime's verifier uses; the server refreshes them (SIGHUP, file changes).
-        ``worker``: this process is one of several workers (see jwtpgproxy.workers)."""
-        self._worker = worker
-        self._control: asyncio.AbstractServer | None = None
-        self._key_source = key_source
-        self._revocation = revocation
+        """``reload``: re-read what lives in files and behind URLs and build a new runtime
+        (SIGHUP); raises ConfigError to keep the running one. ``reuse_port``: listen with
+        SO_REUSEPORT (one of several workers on one port). ``cancel_on_peers``: ask the
+        other workers to cancel a session this one does not have."""
+        self._reload = reload
+        self._reuse_port = reuse_port
         self._background: set[asyncio.Task[None]] = set()
         self._tasks: dict[asyncio.Task[None], Session] = {}
-        self.context = ServerContext(runtime, CancelRegistry(), Metrics(self._live_sessions))
-        if worker is not None and worker.count > 1:
-            self.context.cancel_on_peers = functools.partial(cancel_on_peers, worker)
+        self.context = ServerContext(
+            runtime, CancelRegistry(), Metrics(self._live_sessions), cancel_on_peers
+        )
         self._listeners: list[socket.socket] = []
-        self._admin: AdminServer | None = None
         self._stopping = asyncio.Event()
         self._pending = 0  # sessions accepted that have not finished login
         self._interrupts = 0
@@ -89,15 +81,15 @@ class ProxyServer:
         return iter(list(self._tasks.values()))
 
     async def start(self) -> None:
-        """Listen on every configured address (and the admin address, if configured).
+        """Listen on every configured address.
 
         The proxy accepts sockets itself rather than through ``loop.create_server``: a
         session must peek at the first byte before any transport reads it, to tell a
         direct TLS ClientHello from a PostgreSQL packet (see Session._accept).
         """
-        shared = self._worker is not None
-        for host in self.runtime.listen_hosts:
-            listener = _listening_socket(host, self.runtime.listen_port, reuse_port=shared)
+        downstream = self.runtime.downstream
+        for host in downstream.hosts:
+            listener = _listening_socket(host, downstream.port, reuse_port=self._reuse_port)
             self._listeners.append(listener)
             self._watch(listener)
             address = listener.getsockname()
@@ -107,33 +99,8 @@ class ProxyServer:
                 "listening",
                 address=address[0],
                 port=address[1],
-                tls=self.runtime.downstream_ssl_mode.value,
+                tls=downstream.ssl_mode.value,
             )
-        if self._revocation is not None:
-            watcher = asyncio.create_task(
-                self._revocation.watch(
-                    self.runtime.settings.token.revocation_poll_seconds,
-                    self._revocation_changed,
-                ),
-                name="revocation watch",
-            )
-            self._background.add(watcher)
-        if self._worker is not None:
-            # The supervisor serves /metrics etc. for all workers, asking each over this.
-            self._control = await start_control_server(
-                self._worker, self._render_metrics, self._cancel_locally
-            )
-            return
-        metrics = self.runtime.settings.metrics
-        if metrics.port is not None:
-            self._admin = AdminServer(metrics.host, metrics.port, self._render_metrics, self.ready)
-            try:
-                await self._admin.start()
-            except OSError as exc:
-                raise ConfigError(
-                    f"METRICS__HOST/METRICS__PORT: cannot listen on {metrics.host}:"
-                    f"{metrics.port}: {exc.strerror or exc}"
-                ) from None
 
     # -- accepting --
 
@@ -142,7 +109,7 @@ class ProxyServer:
 
     def _on_acceptable(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        settings = self.runtime.settings
+        limits = self.runtime.limits
         for _ in range(_ACCEPT_BATCH):
             try:
                 sock, _ = listener.accept()
@@ -154,7 +121,7 @@ class ProxyServer:
                 loop.call_later(_ACCEPT_BACKOFF_SECONDS, self._resume_accepting, listener)
                 return
             self.metrics.connections_total.inc()
-            if self._pending >= settings.max_pending_logins:
+            if self._pending >= limits.max_pending_logins:
                 # Closed without a word: reading even a startup packet costs what the limit
                 # is there to bound. The authentication deadline frees the pending ones.
                 self.metrics.connections_refused.labels("max_pending_logins").inc()
@@ -166,7 +133,7 @@ class ProxyServer:
                 )
                 sock.close()
                 continue
-            over_limit = len(self._tasks) >= settings.max_client_connections
+            over_limit = len(self._tasks) >= limits.max_client_connections
             if over_limit:
                 self.metrics.connections_refused.labels("max_client_connections").inc()
             sock.setblocking(False)
@@ -194,10 +161,10 @@ class ProxyServer:
 
     # -- health, reload, signals --
 
-    async def _render_metrics(self) -> bytes:
+    async def render_metrics(self) -> bytes:
         return self.metrics.render()
 
-    async def _cancel_locally(self, request: wire.CancelRequest) -> bool:
+    async def cancel_locally(self, request: wire.CancelRequest) -> bool:
         """A peer worker received this CancelRequest: forward it if the session is ours."""
         entry = self.context.cancels.match(request)
         if entry is None:
@@ -209,22 +176,18 @@ class ProxyServer:
         """Readiness: accepting, and upstream accepts a TCP connection."""
         if self._stopping.is_set():
             return False, "shutting down"
-        try:
-            async with asyncio.timeout(_READY_PROBE_TIMEOUT):
-                protocol = await connect_raw(self.runtime.upstream)
-        except (ProxyError, TimeoutError) as exc:
-            return False, f"upstream not reachable: {exc}"
-        protocol.close()
-        return True, "ready"
+        return await probe_upstream(self.runtime.upstream, _READY_PROBE_TIMEOUT)
 
-    def _revocation_changed(self, revoked: RevocationList) -> None:
-        """A new revocation list: with TOKEN__END_SESSIONS_ON_REVOCATION, end the live
-        sessions whose token it now revokes."""
-        if not self.runtime.settings.token.end_sessions_on_revocation:
+    def end_revoked_sessions(self) -> None:
+        """With end_sessions_on_revocation, end the live sessions whose token the current
+        revocation list revokes (called when the list changed)."""
+        revocation = self.runtime.verifier.revocation
+        if not self.runtime.end_sessions_on_revocation or revocation is None:
             return
         for session in list(self._tasks.values()):
-            if session.identity is not None and revoked.is_revoked(session.identity.claims):
-                session.end("revoked", "terminating connection because its token was revoked")
+            identity = session.identity
+            if identity is not None and revocation.revoked_by(identity.claims) is not None:
+                session.end(TokenRevoked("token revoked during the session"))
 
     def reload(self) -> None:
         """SIGHUP: see :meth:`reload_now`."""
@@ -233,32 +196,22 @@ class ProxyServer:
         task.add_done_callback(self._background.discard)
 
     async def reload_now(self) -> None:
-        """Re-read everything that lives in files or behind URLs -- the revocation list, the
-        JWKS, TLS certificates and keys, CA files -- and rebuild the runtime. A bad new
+        """Rebuild the runtime from what lives in files or behind URLs. A bad new
         configuration is logged and the running one kept; live sessions are untouched,
-        except that sessions whose token the new revocation list revokes are ended when
-        TOKEN__END_SESSIONS_ON_REVOCATION is on."""
-        if self._revocation is not None and await self._revocation.poll(force=True):
-            self._revocation_changed(self._revocation.current)
-        if self._key_source is not None and not await self._key_source.refresh():
-            event(
-                log,
-                WARNING,
-                "JWKS refresh failed: keeping the previous keys",
-                source=self._key_source.name,
-                error=self._key_source.last_error,
-            )
+        except that sessions whose token is now revoked are ended when
+        end_sessions_on_revocation is on."""
+        if self._reload is None:
+            return
         try:
-            runtime = build_runtime(
-                self.runtime.settings, key_source=self._key_source, revocation=self._revocation
-            )
+            runtime = await self._reload()
         except ConfigError as exc:
             self.metrics.config_reloads.labels("failed").inc()
             event(log, WARNING, "reload failed: keeping the running configuration", error=exc)
-            return
-        self.context.runtime = runtime
-        self.metrics.config_reloads.labels("ok").inc()
-        event(log, INFO, "reloaded", sessions=len(self._tasks))
+        else:
+            self.context.runtime = runtime
+            self.metrics.config_reloads.labels("ok").inc()
+            event(log, INFO, "reloaded", sessions=len(self._tasks))
+        self.end_revoked_sessions()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -293,16 +246,12 @@ class ProxyServer:
     async def shutdown(self) -> None:
         self._stopping.set()
         self._close_listeners()  # stop accepting; live connections are ours to end
-        timeout = self.runtime.settings.shutdown_timeout
+        timeout = self.runtime.limits.shutdown_timeout
         if self._tasks:
             event(log, INFO, "draining", sessions=len(self._tasks), timeout=timeout)
             await asyncio.wait(list(self._tasks), timeout=timeout)
         if self._tasks:
             await self._end_remaining()
-        if self._admin is not None:
-            self._admin.close()
-        if self._control is not None:
-            self._control.close()
         for task in self._background:
             task.cancel()
         event(log, INFO, "shutdown complete")
@@ -322,8 +271,9 @@ class ProxyServer:
                 task.cancel()  # still logging in: the session sends FATAL 57P01 itself
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         for session in spliced:
-            if session.role and session.database and session.upstream_pid is not None:
-                groups[(session.role, session.database)].append(session.upstream_pid)
+            pid, identity, database = session.upstream_pid, session.identity, session.database
+            if pid is not None and identity is not None and database is not None:
+                groups[(identity.role, database)].append(pid)
         results = await asyncio.gather(
             *(
                 terminate_backends(self.runtime.upstream, role, database, pids)
@@ -364,22 +314,3 @@ def _listening_socket(host: str, port: int, *, reuse_port: bool = False) -> sock
             f"{exc.strerror or exc}"
         ) from None
     return sock
-
-
-async def serve(settings: Settings, worker: WorkerInfo | None = None) -> None:
-    """Run the proxy until a signal stops it. Keys behind a JWKS URL are fetched first: a
-    proxy that cannot verify any token does not start (ConfigError)."""
-    key_source = jwks_source(settings)
-    revocation = revocation_file(settings)
-    if key_source is not None:
-        await key_source.start()
-    try:
-        runtime = build_runtime(settings, key_source=key_source, revocation=revocation)
-        server = ProxyServer(runtime, key_source=key_source, revocation=revocation, worker=worker)
-        await server.start()
-        with contextlib.suppress(NotImplementedError):
-            server.install_signal_handlers()
-        await server.serve_until_stopped()
-    finally:
-        if key_source is not None:
-            await key_source.close()

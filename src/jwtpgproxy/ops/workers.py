@@ -32,8 +32,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
-from . import wire
-from .logs import event
+from ..errors import WireError
+from ..logs import event
+from ..protocol import wire
 
 log = logging.getLogger("jwtpgproxy")
 
@@ -86,7 +87,7 @@ async def start_control_server(
                     )
                     writer.write(b"1" if matched else b"0")
                 await writer.drain()
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, wire.WireError):
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, WireError):
             pass
         finally:
             writer.close()

@@ -16,7 +16,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from logging import INFO
 
-from .logs import event
+from ..errors import ConfigError
+from ..logs import event
 
 log = logging.getLogger("jwtpgproxy")
 
@@ -51,9 +52,15 @@ class AdminServer:
 
     async def start(self) -> None:
         # The reader's limit caps the request head: readuntil() fails beyond it.
-        self._server = await asyncio.start_server(
-            self._handle, self.host, self.port, limit=_MAX_HEAD
-        )
+        try:
+            self._server = await asyncio.start_server(
+                self._handle, self.host, self.port, limit=_MAX_HEAD
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"METRICS__HOST/METRICS__PORT: cannot listen on {self.host}:{self.port}: "
+                f"{exc.strerror or exc}"
+            ) from None
         for sock in self._server.sockets:
             address = sock.getsockname()
             event(

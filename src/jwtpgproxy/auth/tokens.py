@@ -1,7 +1,7 @@
 """JWT verification: keys, HMAC secrets, signature, then the claim policy. No I/O in verify().
 
 Signatures are checked by PyJWT (:class:`jwt.PyJWS`) with an explicit algorithm allow-list
-(DESIGN.md principle 9); the claims are checked by :class:`~jwtpgproxy.policy.ClaimPolicy`, a
+(DESIGN.md principle 9); the claims are checked by :class:`~jwtpgproxy.auth.policy.ClaimPolicy`, a
 pure function. Around them, this module adds what PyJWT leaves to the caller, following
 RFC 8725 ("JWT Best Current Practices"):
 
@@ -18,7 +18,7 @@ RFC 8725 ("JWT Best Current Practices"):
   junk cannot probe it.
 
 Keys come from three places, searched together: configured PEM keys, HMAC secrets, and a
-:class:`KeySource` (a JWKS, see :mod:`jwtpgproxy.jwks`) whose current key tuple is read on
+:class:`KeySource` (a JWKS, see :mod:`jwtpgproxy.auth.jwks`) whose current key tuple is read on
 every call. :meth:`TokenVerifier.verify` never does I/O; :meth:`TokenVerifier.verify_async`
 adds the one piece that needs it -- when a token names a ``kid`` no key has, it asks the key
 source to refetch (rate-limited there) and retries once if the key set changed.
@@ -42,29 +42,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm
 
-from .errors import ConfigError
-from .policy import ClaimPolicy, Rejection, TokenRejected, is_numeric_date
-
-__all__ = [
-    "ALLOWED_ALGORITHMS",
-    "ASYMMETRIC_ALGORITHMS",
-    "HMAC_ALGORITHMS",
-    "MIN_HMAC_SECRET_BYTES",
-    "ClaimPolicy",
-    "HmacSecret",
-    "Identity",
-    "KeySource",
-    "PublicKey",
-    "Rejection",
-    "RevocationCheck",
-    "TokenPolicy",
-    "TokenRejected",
-    "TokenVerifier",
-    "VerificationKey",
-    "algorithms_for_key",
-    "load_hmac_secret",
-    "load_verification_key",
-]
+from ..errors import ConfigError, TokenRejected
+from .policy import ClaimPolicy, Rejection, check_claim_types
 
 PublicKey = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
@@ -79,17 +58,16 @@ PUBLIC_KEY_TYPES = (
 
 MIN_RSA_BITS = 2048
 _RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
-_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+#: The JWS algorithm of each elliptic curve (RFC 7518 3.4): one curve, one algorithm.
+EC_CURVE_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 #: Algorithms verified with public keys.
-ASYMMETRIC_ALGORITHMS = frozenset({"EdDSA", *_RSA_ALGORITHMS, *_EC_ALGORITHMS.values()})
+ASYMMETRIC_ALGORITHMS = frozenset({"EdDSA", *_RSA_ALGORITHMS, *EC_CURVE_ALGORITHMS.values()})
 #: Algorithms verified with an HMAC secret, and the secret length each needs: RFC 7518 3.2
 #: "A key of the same size as the hash output (for instance, 256 bits for HS256) or larger
 #: MUST be used with this algorithm."
 _HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 HMAC_ALGORITHMS = frozenset(_HMAC_MIN_BYTES)
 MIN_HMAC_SECRET_BYTES = min(_HMAC_MIN_BYTES.values())
-#: Kept for compatibility: the public-key algorithms (HS* is accepted only via HmacSecret).
-ALLOWED_ALGORITHMS = ASYMMETRIC_ALGORITHMS
 _ALL_ALGORITHMS = ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS
 #: ``typ`` values we accept (RFC 7519 5.1, RFC 9068 for access tokens); case-insensitive.
 _ACCEPTED_TYPES = frozenset({"jwt", "application/jwt", "at+jwt", "application/at+jwt"})
@@ -101,7 +79,7 @@ _JWS = jwt.PyJWS(algorithms=sorted(_ALL_ALGORITHMS))
 class VerificationKey:
     """A public key, the algorithms it may verify, and its optional key id."""
 
-    name: str  # where it came from, e.g. "PUBLIC_KEYS__0" (for logs)
+    name: str  # where it came from: the configuration entry that named it (for logs)
     key: PublicKey = field(repr=False)
     algorithms: frozenset[str]
     kid: str | None = None
@@ -116,7 +94,7 @@ class HmacSecret:
     HS384, 64 also HS512. Shorter than 32 bytes is refused at construction.
     """
 
-    name: str  # e.g. "TOKEN__HMAC_SECRETS__0" (for logs and errors; never the secret)
+    name: str  # its configuration entry (for logs and errors; never the secret)
     secret: bytes = field(repr=False)
     kid: str | None = None
     algorithms: frozenset[str] = field(init=False)
@@ -181,7 +159,7 @@ class Identity:
 
 
 class KeySource(Protocol):
-    """Keys that may change at run time (e.g. :class:`jwtpgproxy.jwks.JwksKeySource`)."""
+    """Keys that may change at run time (e.g. :class:`jwtpgproxy.auth.jwks.JwksKeySource`)."""
 
     @property
     def keys(self) -> tuple[VerificationKey, ...]:
@@ -194,7 +172,7 @@ class KeySource(Protocol):
 
 
 class RevocationCheck(Protocol):
-    """E.g. :class:`jwtpgproxy.revocation.RevocationList` or ``RevocationFile``."""
+    """E.g. :class:`jwtpgproxy.auth.revocation.RevocationList` or ``RevocationFile``."""
 
     def revoked_by(self, claims: Mapping[str, Any]) -> str | None:
         """A log-safe description of the entry revoking these claims, or None."""
@@ -215,7 +193,7 @@ def algorithms_for_key(key: PublicKey, name: str) -> frozenset[str]:
             )
         return _RSA_ALGORITHMS
     if isinstance(key, ec.EllipticCurvePublicKey):
-        algorithm = _EC_ALGORITHMS.get(key.curve.name)
+        algorithm = EC_CURVE_ALGORITHMS.get(key.curve.name)
         if algorithm is None:
             raise ConfigError(f"{name}: unsupported elliptic curve {key.curve.name}")
         return frozenset({algorithm})
@@ -283,16 +261,6 @@ def _decode_segment(segment: str, what: str) -> dict[str, Any]:
     return value
 
 
-def _check_claim_types(claims: Mapping[str, Any]) -> None:
-    """Cheap type checks before any signature work (repeated by the policy afterwards)."""
-    for name in ("exp", "nbf", "iat"):
-        if name in claims and not is_numeric_date(claims[name]):
-            raise TokenRejected(Rejection.CLAIMS, f"claim {name!r} is not a number")
-    for name in ("sub", "jti"):
-        if name in claims and not isinstance(claims[name], str):
-            raise TokenRejected(Rejection.CLAIMS, f"claim {name!r} is not a string")
-
-
 # --- Verification -------------------------------------------------------------------------
 
 _Candidate = VerificationKey | HmacSecret
@@ -303,7 +271,7 @@ class TokenVerifier:
 
     Immutable once built (the key source's key tuple is read afresh on each call). A new
     policy or revocation list means a new verifier, or a revocation object whose contents
-    change behind :class:`RevocationCheck` (``jwtpgproxy.revocation.RevocationFile``).
+    change behind :class:`RevocationCheck` (``jwtpgproxy.auth.revocation.RevocationFile``).
     """
 
     def __init__(
@@ -317,10 +285,7 @@ class TokenVerifier:
         revocation: RevocationCheck | None = None,
     ) -> None:
         if not keys and not hmac_secrets and key_source is None:
-            raise ConfigError(
-                "PUBLIC_KEYS__0: at least one key is required "
-                "(PUBLIC_KEYS__<i>, TOKEN__HMAC_SECRETS__<i> or a JWKS)"
-            )
+            raise ConfigError("at least one public key, HMAC secret or key source is required")
         self.keys = tuple(keys)
         self.hmac_secrets = tuple(hmac_secrets)
         self.policy = TokenPolicy() if policy is None else policy
@@ -360,7 +325,7 @@ class TokenVerifier:
             not isinstance(token_type, str) or token_type.lower() not in _ACCEPTED_TYPES
         ):
             raise TokenRejected(Rejection.MALFORMED, "unexpected typ header")
-        _check_claim_types(claims)
+        check_claim_types(claims)  # cheap, before any signature work
 
         candidates = self._candidates(header, algorithm)
         used: _Candidate | None = None
@@ -418,7 +383,7 @@ class TokenVerifier:
         try:
             return self.verify(token, user, database=database, now=now)
         except TokenRejected as exc:
-            if exc.code is not Rejection.UNKNOWN_KID or source is None:
+            if exc.code != Rejection.UNKNOWN_KID or source is None:
                 raise
             await source.refresh_for_unknown_kid()
             if source.keys is seen:

@@ -14,13 +14,14 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from . import wire
-from .errors import (
+from ..errors import (
     UpstreamAuthenticationFailed,
     UpstreamErrorResponse,
     UpstreamProtocolError,
+    WireError,
 )
-from .scram import MECHANISM, MECHANISM_PLUS, ScramError, ScramSha256Client
+from . import wire
+from .scram import MECHANISM, MECHANISM_PLUS, ScramSha256Client
 
 #: Upstream messages during login are small (ParameterStatus, errors); cap them.
 MAX_LOGIN_MESSAGE_LENGTH = 65536
@@ -32,7 +33,7 @@ _UPSTREAM_PASSWORD_FAILED = "28P01"  # noqa: S105
 
 
 class ChannelBindingPolicy(enum.StrEnum):
-    """libpq's ``channel_binding`` (UPSTREAM__CHANNEL_BINDING): SCRAM-SHA-256-PLUS, RFC 5929."""
+    """libpq's ``channel_binding``: whether to require SCRAM-SHA-256-PLUS (RFC 5929)."""
 
     DISABLE = "disable"
     PREFER = "prefer"
@@ -40,11 +41,23 @@ class ChannelBindingPolicy(enum.StrEnum):
 
 
 class Phase(enum.Enum):
-    AUTHENTICATING = enum.auto()
-    SASL = enum.auto()
+    AUTHENTICATING = enum.auto()  # startup sent; waiting for an authentication request
+    SASL = enum.auto()  # in a SCRAM exchange
     AFTER_AUTH = enum.auto()  # AuthenticationOk received; collecting ParameterStatus etc.
-    DONE = enum.auto()
-    FAILED = enum.auto()
+    DONE = enum.auto()  # ReadyForQuery: LoginComplete returned (final)
+    FAILED = enum.auto()  # any error (final)
+
+
+#: The allowed transitions, in one table (as frontend's): trust, cleartext and MD5 go
+#: straight from AUTHENTICATING to AFTER_AUTH; SCRAM passes through SASL. Any error moves
+#: to FAILED, from any phase.
+_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.AUTHENTICATING: frozenset({Phase.SASL, Phase.AFTER_AUTH}),
+    Phase.SASL: frozenset({Phase.AFTER_AUTH}),
+    Phase.AFTER_AUTH: frozenset({Phase.DONE}),
+    Phase.DONE: frozenset(),
+    Phase.FAILED: frozenset(),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +80,6 @@ class LoginComplete:
     """
 
     relay: tuple[wire.BackendMessage, ...]
-    parameters: Mapping[str, str]
     backend_key: tuple[int, bytes] | None
     auth_method: str
 
@@ -108,7 +120,6 @@ class UpstreamLogin:
         self._method = "trust"
         self._relay: list[wire.BackendMessage] = []
         self._relay_bytes = 0
-        self._status: dict[str, str] = {}
         self._backend_key: tuple[int, bytes] | None = None
 
     @property
@@ -135,17 +146,17 @@ class UpstreamLogin:
                 event = self._on_message(message)
                 if event is not None:
                     return event
-        except wire.WireError as exc:
+        except WireError as exc:
             self._phase = Phase.FAILED
             raise UpstreamProtocolError(f"upstream sent malformed data: {exc}") from exc
-        except ScramError as exc:
-            self._phase = Phase.FAILED
-            raise UpstreamAuthenticationFailed(
-                f"SCRAM exchange with upstream failed: {exc}"
-            ) from None
         except Exception:
             self._phase = Phase.FAILED
             raise
+
+    def _move(self, new: Phase) -> None:
+        if new not in _TRANSITIONS[self._phase]:
+            raise RuntimeError(f"illegal login transition {self._phase} -> {new}")
+        self._phase = new
 
     # -- dispatch --
 
@@ -254,7 +265,7 @@ class UpstreamLogin:
             raise UpstreamAuthenticationFailed(
                 f"upstream offers no supported SASL mechanism ({', '.join(mechanisms)[:100]})"
             )
-        self._phase = Phase.SASL
+        self._move(Phase.SASL)
         return Send(
             wire.sasl_initial_response(self._scram.mechanism, self._scram.client_first_message())
         )
@@ -276,15 +287,14 @@ class UpstreamLogin:
 
     def _authenticated(self, message: wire.BackendMessage) -> Event | None:
         """AuthenticationOk: relay it; ParameterStatus etc. follow until ReadyForQuery."""
-        self._phase = Phase.AFTER_AUTH
+        self._move(Phase.AFTER_AUTH)
         self._keep(message)
         return None
 
     def _after_auth(self, message: wire.BackendMessage) -> Event | None:
         tag = message.tag
         if tag == b"S":
-            name, value = wire.decode_parameter_status(message.body)
-            self._status[name] = value
+            wire.decode_parameter_status(message.body)  # well-formed, or WireError
             self._keep(message)
             return None
         if tag == b"K":
@@ -296,10 +306,9 @@ class UpstreamLogin:
             if len(message.body) != 1:
                 raise UpstreamProtocolError("ReadyForQuery of invalid length")
             self._keep(message)
-            self._phase = Phase.DONE
+            self._move(Phase.DONE)
             return LoginComplete(
                 relay=tuple(self._relay),
-                parameters=dict(self._status),
                 backend_key=self._backend_key,
                 auth_method=self._method,
             )

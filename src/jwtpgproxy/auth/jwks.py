@@ -1,7 +1,7 @@
 """Verification keys from a JWKS (RFC 7517): a file, a URL, or an OIDC issuer's discovery.
 
 :func:`parse_jwks` is pure: a JWKS document in, :class:`VerificationKey`\\ s out, with the same
-rules as configured PEM keys (:func:`jwtpgproxy.tokens.algorithms_for_key`: RSA >= 2048 bits,
+rules as configured PEM keys (:func:`jwtpgproxy.auth.tokens.algorithms_for_key`: RSA >= 2048 bits,
 EC P-256/P-384/P-521, Ed25519/Ed448) plus what a JWK can say about itself:
 
 * ``alg`` restricts the key to that one algorithm (a key whose ``alg`` does not fit its type
@@ -14,8 +14,8 @@ EC P-256/P-384/P-521, Ed25519/Ed448) plus what a JWK can say about itself:
 * unsupported or malformed keys are skipped with a reason, not fatal, so one exotic key in
   a provider's set does not lock everybody out; duplicate ``kid``\\ s keep the first key.
 
-:class:`JwksKeySource` keeps the current key set for :class:`jwtpgproxy.tokens.TokenVerifier`
-(it satisfies :class:`jwtpgproxy.tokens.KeySource`): one fetch at :meth:`~JwksKeySource.start`,
+:class:`JwksKeySource` keeps the current key set for :class:`jwtpgproxy.auth.tokens.TokenVerifier`
+(it satisfies :class:`jwtpgproxy.auth.tokens.KeySource`): one fetch at :meth:`~JwksKeySource.start`,
 a background refresh, and rate-limited refetches when tokens name an unknown ``kid``. HTTP is
 the stdlib's urllib in a worker thread, with a size cap, a total deadline, http/https only,
 plain http only to loopback unless allowed, and no redirect to another scheme or from https
@@ -39,6 +39,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.client import HTTPMessage
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -47,7 +48,8 @@ import jwt
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from .errors import ConfigError
+from ..errors import ConfigError, JwksError
+from ..logs import event
 from .tokens import PUBLIC_KEY_TYPES, VerificationKey, algorithms_for_key
 
 log = logging.getLogger("jwtpgproxy.jwks")
@@ -60,11 +62,6 @@ _MAX_REDIRECTS = 5
 #: Members that only a private or symmetric JWK has (RFC 7518 6.2.2, 6.3.2, 6.4.1; RFC 8037).
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 _USER_AGENT = "jwt-postgresql-proxy (JWKS fetch)"
-
-
-class JwksError(ConfigError):
-    """A JWKS or discovery document could not be fetched or used. The text names the
-    (credential-free) location and the reason; raised by :meth:`JwksKeySource.start`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,10 +379,10 @@ class JwksKeySource:
     """The current keys of one JWKS location, kept fresh in the background.
 
     Exactly one of ``file``, ``url`` or ``issuer`` (OIDC discovery on every fetch, so a
-    changed ``jwks_uri`` is followed). ``name`` labels the keys and errors (e.g. the setting,
-    ``JWKS__URL``). Life cycle::
+    changed ``jwks_uri`` is followed). ``name`` labels the keys and errors (the caller's
+    name for this source, e.g. the setting that configured it). Life cycle::
 
-        source = JwksKeySource(url="https://issuer.example/jwks.json", name="JWKS__URL")
+        source = JwksKeySource(url="https://issuer.example/jwks.json", name="issuer JWKS")
         await source.start()        # one fetch; JwksError if it fails or yields no key
         verifier = TokenVerifier(..., key_source=source)
         ...
@@ -440,12 +437,8 @@ class JwksKeySource:
         self._fingerprint: tuple[tuple[object, ...], ...] = ()
         #: Why the last attempt failed (None if it succeeded), for logs and health checks.
         self.last_error: str | None = None
-        #: Wall-clock time (time.time()) of the last successful fetch.
-        self.last_success_at: float | None = None
         #: Why keys of the last good document were not used.
         self.skipped: tuple[str, ...] = ()
-        #: Fetch attempts so far (all kinds).
-        self.fetches = 0
         self._last_attempt: float | None = None
         self._inflight: asyncio.Task[bool] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -526,7 +519,6 @@ class JwksKeySource:
                 await self.refresh()
 
     async def _fetch_and_swap(self) -> bool:
-        self.fetches += 1
         try:
             document = await self._fetch_document()
             result = parse_jwks(document, source=self.name, location=self.location)
@@ -542,26 +534,27 @@ class JwksKeySource:
                 else (f"{self.location}: unexpected {type(exc).__name__}: {exc}")
             )
             if message != self.last_error:
-                log.warning(
-                    "JWKS %s: fetch failed, keeping %d key(s): %s",
-                    self.name,
-                    len(self._keys),
-                    message,
+                event(
+                    log,
+                    WARNING,
+                    "JWKS fetch failed: keeping the previous keys",
+                    source=self.name,
+                    keys=len(self._keys),
+                    error=message,
                 )
             self.last_error = message
             return False
         fingerprint = _fingerprint(result.keys)
         if fingerprint != self._fingerprint:
             if self._keys:
-                log.info("JWKS %s: key set changed: %d key(s)", self.name, len(result.keys))
+                event(log, INFO, "JWKS key set changed", source=self.name, keys=len(result.keys))
             self._keys = result.keys
             self._fingerprint = fingerprint
         if result.skipped != self.skipped:
             for line in result.skipped:
-                log.warning("JWKS %s", line)
+                event(log, WARNING, "JWKS key skipped", source=self.name, detail=line)
         self.skipped = result.skipped
         self.last_error = None
-        self.last_success_at = time.time()
         return True
 
     async def _fetch_document(self) -> bytes:

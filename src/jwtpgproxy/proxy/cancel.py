@@ -15,12 +15,12 @@ import secrets
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
-from . import wire
-from .config import UpstreamTarget
-from .connection import ConnectionClosed, HandshakeProtocol
-from .logs import event
+from ..errors import UpstreamUnavailable
+from ..logs import event
+from ..protocol import wire
+from .connection import HandshakeProtocol
 from .metrics import Metrics
-from .upstream import connect_raw, negotiate_tls
+from .upstream import UpstreamTarget, connect_raw, negotiate_tls
 
 log = logging.getLogger("jwtpgproxy")
 
@@ -112,8 +112,8 @@ async def forward_cancel(target: UpstreamTarget, entry: CancelEntry) -> None:
             try:
                 while True:
                     await protocol.read()
-            except ConnectionClosed:
-                pass
+            except UpstreamUnavailable:
+                pass  # upstream closed it: the cancel was delivered
     except TimeoutError:
         event(log, WARNING, "cancel request to upstream timed out", pid=entry.process_id)
     except Exception as exc:  # a failed cancel must not disturb the server

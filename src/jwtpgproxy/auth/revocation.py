@@ -23,7 +23,8 @@ subject, and guessing wrong silently leaves a token valid; such a line is refuse
 :class:`ConfigError` naming ``file:line`` -- as is every other malformed line.
 
 ``sub`` is the JWT ``sub`` claim itself, whatever claim names the database role
-(``TOKEN__ROLE_CLAIM``): revocation targets the identity the issuer vouched for.
+(:attr:`jwtpgproxy.auth.policy.ClaimPolicy.role_claim`): revocation targets the identity
+the issuer vouched for.
 
 Values are compared exactly (case-sensitive, no Unicode normalisation), like the claims.
 """
@@ -37,21 +38,23 @@ import logging
 import os
 import re
 import stat
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..logs import event
+from .policy import is_numeric_date
 
 log = logging.getLogger("jwtpgproxy.revocation")
 
 MAX_FILE_BYTES = 10 * 1024 * 1024
 MAX_ENTRIES = 1_000_000
-#: The setting naming the file, used as the prefix of error messages.
-DEFAULT_SETTING = "TOKEN__REVOCATION_FILE"
+#: What errors call the file unless the caller names its setting.
+DEFAULT_SETTING = "revocation file"
 
 _UNIX_SECONDS = re.compile(r"-?[0-9]{1,16}(\.[0-9]{1,9})?")
 # RFC 3339 section 5.6 date-time, time zone required (a naive time is ambiguous).
@@ -134,7 +137,7 @@ class RevocationList:
         for number, line in enumerate(lines, start=1):
 
             def fail(why: str, number: int = number) -> ConfigError:
-                return ConfigError(f"{setting}: {source}:{number}: {why}")
+                return ConfigError(f"{source}:{number}: {why}", setting=setting)
 
             try:
                 words = _words(line)
@@ -189,19 +192,19 @@ class RevocationList:
             with path.open("rb") as file:
                 info = os.fstat(file.fileno())
                 if not stat.S_ISREG(info.st_mode):
-                    raise ConfigError(f"{setting}: {path}: not a regular file")
+                    raise ConfigError(f"{path}: not a regular file", setting=setting)
                 if info.st_size > max_bytes:
-                    raise ConfigError(f"{setting}: {path}: larger than {max_bytes} bytes")
+                    raise ConfigError(f"{path}: larger than {max_bytes} bytes", setting=setting)
                 data = file.read(max_bytes + 1)
         except OSError as exc:
-            raise ConfigError(f"{setting}: {path}: cannot read ({exc.strerror})") from None
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})", setting=setting) from None
         if len(data) > max_bytes:  # grew between fstat() and read()
-            raise ConfigError(f"{setting}: {path}: larger than {max_bytes} bytes")
+            raise ConfigError(f"{path}: larger than {max_bytes} bytes", setting=setting)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             line = data[: exc.start].count(b"\n") + 1
-            raise ConfigError(f"{setting}: {path}:{line}: not UTF-8") from None
+            raise ConfigError(f"{path}:{line}: not UTF-8", setting=setting) from None
         return cls.parse(text, source=str(path), setting=setting, max_entries=max_entries)
 
     def revoked_by(self, claims: Mapping[str, Any]) -> str | None:
@@ -217,7 +220,7 @@ class RevocationList:
         cutoff = self.subjects_before.get(subject)
         if cutoff is not None:
             issued = claims.get("iat")
-            if isinstance(issued, bool) or not isinstance(issued, int | float):
+            if not is_numeric_date(issued):
                 return f"sub-before entry in {self.source} (token has no iat)"
             if issued < cutoff:
                 return f"sub-before entry in {self.source}"
@@ -272,7 +275,6 @@ class RevocationFile:
         self.last_error: str | None = None
         self.signature = file_signature(self.path)
         self.current = self._load()
-        self.loaded_at = time.time()
 
     def _load(self) -> RevocationList:
         return RevocationList.load(
@@ -307,14 +309,18 @@ class RevocationFile:
             return False  # changed while being read: take it on the next poll
         self.signature = before
         self.current = loaded
-        self.loaded_at = time.time()
         self.last_error = None
-        log.info("revocation list reloaded: %s entries from %s", len(loaded), self.path)
+        event(log, INFO, "revocation list reloaded", entries=len(loaded), path=str(self.path))
         return True
 
     def _failed(self, message: str) -> None:
         if message != self.last_error:
-            log.warning("revocation list not reloaded, keeping the previous one: %s", message)
+            event(
+                log,
+                WARNING,
+                "revocation list not reloaded: keeping the previous one",
+                error=message,
+            )
         self.last_error = message
 
     async def poll(self, *, force: bool = False) -> bool:
@@ -333,8 +339,8 @@ class RevocationFile:
             await asyncio.sleep(interval)
             try:
                 changed = await self.poll()
-            except Exception:  # never let the watcher die silently
-                log.exception("revocation list poll failed")
+            except Exception as exc:  # never let the watcher die silently
+                event(log, ERROR, "revocation list poll failed", exc_info=exc)
                 continue
             if changed and on_change is not None:
                 on_change(self.current)

@@ -1,8 +1,9 @@
 """Sans-IO state machine for the client side of the handshake.
 
 Bytes in (:meth:`FrontendHandshake.receive_data`), events out
-(:meth:`FrontendHandshake.next_event`). The driver (session.py) writes the bytes each event
-carries and performs the TLS upgrade when told to; it never interprets client bytes itself.
+(:meth:`FrontendHandshake.next_event`). The driver (:mod:`jwtpgproxy.proxy.session`) writes
+the bytes each event carries and performs the TLS upgrade when told to; it never interprets
+client bytes itself.
 
 The flow follows PostgreSQL's ``ProcessStartupPacket()`` (src/backend/tcop/backend_startup.c):
 
@@ -19,15 +20,16 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from . import wire
-from .errors import (
+from ..errors import (
     ClientDisconnected,
     ClientError,
     EncryptionRequired,
     FeatureNotSupported,
     InvalidAuthorization,
     ProtocolViolation,
+    WireError,
 )
+from . import wire
 
 #: Newest protocol minor version the proxy speaks to clients: 3.2 (PostgreSQL 18), whose only
 #: change is a variable-length cancel key -- and the client's key is made by the proxy.
@@ -35,7 +37,7 @@ NEWEST_MINOR = 2
 
 
 class DownstreamSSLMode(enum.StrEnum):
-    """How the proxy treats client encryption (``DOWNSTREAM__SSLMODE``)."""
+    """How the proxy treats client encryption."""
 
     REQUIRE = "require"  # plaintext clients get a FATAL before any password is asked
     ALLOW = "allow"  # TLS offered, plaintext accepted
@@ -161,7 +163,7 @@ class FrontendHandshake:
     def next_event(self) -> Event:
         try:
             return self._next_event()
-        except wire.WireError as exc:
+        except WireError as exc:
             self.state = State.FAILED
             raise ProtocolViolation(str(exc)) from exc
         except ClientError:
@@ -224,7 +226,7 @@ class FrontendHandshake:
                 ),
             )
         if self.ssl_mode is DownstreamSSLMode.REQUIRE and not self.tls:
-            raise EncryptionRequired("plaintext startup refused: DOWNSTREAM__SSLMODE=require")
+            raise EncryptionRequired("plaintext startup refused: TLS is required")
         if not startup.parameters.get("user"):
             raise InvalidAuthorization(
                 "no user name in startup packet",

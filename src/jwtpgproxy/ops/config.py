@@ -1,56 +1,57 @@
 """Configuration: environment variables -> validated, immutable runtime objects.
 
-The variable names of the original jwt-postgresql-proxy are kept (``PUBLIC_KEYS__<i>``,
-``UPSTREAM__HOST``, ``UPSTREAM__PORT``, ``UPSTREAM__PASSWORD``, ``DOWNSTREAM__IP``,
-``DOWNSTREAM__PORT``, ``DOWNSTREAM__CERTFILE``, ``DOWNSTREAM__KEYFILE``). Everything is
-checked once at start-up (uvicorn ``Config.load()`` style); a problem becomes a
-:class:`ConfigError` whose text names the variable, and the daemon prints that one line.
+This is the one place that knows environment-variable names and turns settings into the
+objects the proxy runs with (DESIGN.md principle 5). The variable names of the original
+jwt-postgresql-proxy are kept (``PUBLIC_KEYS__<i>``, ``UPSTREAM__HOST``, ``UPSTREAM__PORT``,
+``UPSTREAM__PASSWORD``, ``DOWNSTREAM__IP``, ``DOWNSTREAM__PORT``, ``DOWNSTREAM__CERTFILE``,
+``DOWNSTREAM__KEYFILE``). Everything is checked once at start-up (uvicorn ``Config.load()``
+style); a problem becomes a :class:`ConfigError` whose text names the variable, and the daemon
+prints that one line.
+
+:func:`open_runtime` is the single entry point, used alike by the daemon, the ``verify``
+command and SIGHUP: it owns the long-lived key source (JWKS) and revocation file, yields a
+:class:`Configured` whose :attr:`~Configured.runtime` the listener runs with, and whose
+:meth:`~Configured.reload` refreshes those sources and builds the next runtime.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import ipaddress
+import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .connection import Keepalive
-from .errors import ConfigError
-from .frontend import DownstreamSSLMode
-from .jwks import JwksKeySource
-from .login import ChannelBindingPolicy
-from .policy import ClaimPolicy
-from .revocation import RevocationFile
-from .tokens import (
+from ..auth.jwks import JwksKeySource
+from ..auth.policy import ClaimPolicy
+from ..auth.revocation import RevocationFile
+from ..auth.tokens import (
     HmacSecret,
-    KeySource,
-    RevocationCheck,
     TokenPolicy,
     TokenVerifier,
     VerificationKey,
     load_hmac_secret,
     load_verification_key,
 )
+from ..errors import ConfigError
+from ..logs import event
+from ..protocol.frontend import DownstreamSSLMode
+from ..protocol.login import ChannelBindingPolicy
+from ..proxy.connection import Keepalive
+from ..proxy.runtime import Downstream, Limits, Runtime
+from ..proxy.upstream import UpstreamSSLMode, UpstreamTarget
 
 T = TypeVar("T")
-
-
-class UpstreamSSLMode(enum.StrEnum):
-    """libpq's ``sslmode`` meanings (libpq docs 34.19.1, table "SSL Mode Descriptions")."""
-
-    DISABLE = "disable"
-    ALLOW = "allow"
-    PREFER = "prefer"
-    REQUIRE = "require"
-    VERIFY_CA = "verify-ca"
-    VERIFY_FULL = "verify-full"
+log = logging.getLogger("jwtpgproxy")
 
 
 class _Section(BaseModel):
@@ -107,7 +108,7 @@ class LogFormat(enum.StrEnum):
 
 
 class TokenSettings(_Section):
-    """Token policy (``TOKEN__*``); see jwtpgproxy.policy.ClaimPolicy for each rule."""
+    """Token policy (``TOKEN__*``); see jwtpgproxy.auth.policy.ClaimPolicy for each rule."""
 
     leeway_seconds: float = Field(default=10.0, ge=0, le=300)
     max_length: int = Field(default=16384, ge=256, le=65535)
@@ -198,33 +199,7 @@ class Settings(BaseSettings):
         return level
 
 
-# --- Runtime ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamTarget:
-    host: str
-    port: int
-    password: SecretStr
-    sslmode: UpstreamSSLMode
-    ssl_context: ssl.SSLContext | None  # None when sslmode is disable
-    channel_binding: ChannelBindingPolicy
-    connect_timeout: float
-    keepalive: Keepalive
-
-
-@dataclass(frozen=True, slots=True)
-class Runtime:
-    """What the server needs, built and checked once from :class:`Settings`."""
-
-    settings: Settings
-    verifier: TokenVerifier
-    upstream: UpstreamTarget
-    listen_hosts: tuple[str, ...]
-    listen_port: int
-    downstream_ssl_mode: DownstreamSSLMode
-    downstream_ssl_context: ssl.SSLContext | None
-    keepalive: Keepalive
+# --- Building the runtime ---------------------------------------------------------------
 
 
 def _env_name(loc: tuple[Any, ...]) -> str:
@@ -336,22 +311,32 @@ def _names(text: str) -> frozenset[str]:
 
 
 def claim_policy(token: TokenSettings) -> ClaimPolicy:
-    return ClaimPolicy(
-        issuer=token.issuer,
-        audience=token.audience,
-        ignore_audience=token.ignore_audience,
-        role_claim=token.role_claim,
-        tenant_claim=token.tenant_claim,
-        tenant=token.tenant,
-        scope_claim=token.scope_claim,
-        required_scopes=_names(token.required_scopes),
-        read_only_scope=token.read_only_scope,
-        databases_claim=token.databases_claim,
-        max_lifetime_seconds=token.max_lifetime_seconds,
-        require_exp=token.require_exp,
-        max_age_seconds=token.max_age_seconds,
-        required_claims=_names(token.required_claims),
-    ).validate()
+    try:
+        return ClaimPolicy(
+            issuer=token.issuer,
+            audience=token.audience,
+            ignore_audience=token.ignore_audience,
+            role_claim=token.role_claim,
+            tenant_claim=token.tenant_claim,
+            tenant=token.tenant,
+            scope_claim=token.scope_claim,
+            required_scopes=_names(token.required_scopes),
+            read_only_scope=token.read_only_scope,
+            databases_claim=token.databases_claim,
+            max_lifetime_seconds=token.max_lifetime_seconds,
+            require_exp=token.require_exp,
+            max_age_seconds=token.max_age_seconds,
+            required_claims=_names(token.required_claims),
+        ).validate()
+    except ConfigError as exc:
+        raise _as_token_setting(exc) from None
+
+
+def _as_token_setting(exc: ConfigError) -> ConfigError:
+    """A ClaimPolicy field name -> its TOKEN__ variable (the settings use the same names)."""
+    if exc.setting is None:
+        return exc
+    return ConfigError(exc.message, setting=f"TOKEN__{exc.setting.upper()}")
 
 
 def _hmac_secrets(token: TokenSettings) -> list[HmacSecret]:
@@ -364,7 +349,7 @@ def _hmac_secrets(token: TokenSettings) -> list[HmacSecret]:
     )
 
 
-def jwks_source(settings: Settings) -> JwksKeySource | None:
+def _jwks_source(settings: Settings) -> JwksKeySource | None:
     """The JWKS key source the settings ask for (not started), or None."""
     jwks = settings.jwks
     if not jwks.configured:
@@ -397,7 +382,7 @@ def jwks_source(settings: Settings) -> JwksKeySource | None:
     )
 
 
-def revocation_file(settings: Settings) -> RevocationFile | None:
+def _revocation_file(settings: Settings) -> RevocationFile | None:
     path = settings.token.revocation_file
     return None if path is None else RevocationFile(path, setting="TOKEN__REVOCATION_FILE")
 
@@ -405,13 +390,13 @@ def revocation_file(settings: Settings) -> RevocationFile | None:
 def build_runtime(
     settings: Settings,
     *,
-    key_source: KeySource | None = None,
-    revocation: RevocationCheck | None = None,
+    key_source: JwksKeySource | None = None,
+    revocation: RevocationFile | None = None,
 ) -> Runtime:
     """Turn settings into the runtime objects; raise ConfigError naming the variable.
 
-    ``key_source`` (JWKS) and ``revocation`` are long-lived objects of the server's, built
-    by :func:`jwks_source` and :func:`revocation_file`; a reload passes the same ones.
+    ``key_source`` (JWKS) and ``revocation`` are the long-lived sources owned by
+    :func:`open_runtime`; a reload passes the same ones.
     """
     token = settings.token
     policy = claim_policy(token)
@@ -419,11 +404,18 @@ def build_runtime(
         # Tokens from an OIDC issuer name it in iss; without an explicit TOKEN__ISSUER,
         # the discovered issuer is the one to require.
         policy = dataclasses.replace(policy, issuer=settings.jwks.oidc_issuer).validate()
+    keys = _verification_keys(settings)
+    secrets = _hmac_secrets(token)
+    if not keys and not secrets and key_source is None:
+        raise ConfigError(
+            "PUBLIC_KEYS__0: at least one key is required "
+            "(PUBLIC_KEYS__<i>, TOKEN__HMAC_SECRETS__<i> or a JWKS)"
+        )
     verifier = TokenVerifier(
-        _verification_keys(settings),
+        keys,
         TokenPolicy(leeway_seconds=token.leeway_seconds, max_token_length=token.max_length),
         claim_policy=policy,
-        hmac_secrets=_hmac_secrets(token),
+        hmac_secrets=secrets,
         key_source=key_source,
         revocation=revocation,
     )
@@ -432,14 +424,27 @@ def build_runtime(
     if settings.workers > 1 and down.port == 0:
         raise ConfigError("WORKERS: more than one worker needs a fixed DOWNSTREAM__PORT")
     return Runtime(
-        settings=settings,
         verifier=verifier,
         upstream=upstream,
-        listen_hosts=tuple(part.strip() for part in down.ip.split(",")),
-        listen_port=down.port,
-        downstream_ssl_mode=down.sslmode,
-        downstream_ssl_context=_downstream_ssl_context(down),
+        downstream=Downstream(
+            hosts=tuple(part.strip() for part in down.ip.split(",")),
+            port=down.port,
+            ssl_mode=down.sslmode,
+            ssl_context=_downstream_ssl_context(down),
+            # The PasswordMessage body is the token and its terminating NUL.
+            max_password_length=token.max_length + 1,
+            allow_replication=settings.upstream.allow_replication,
+        ),
+        limits=Limits(
+            authentication_timeout=settings.authentication_timeout,
+            max_client_connections=settings.max_client_connections,
+            max_pending_logins=settings.max_pending_logins,
+            shutdown_timeout=settings.shutdown_timeout,
+            idle_session_timeout=settings.idle_session_timeout,
+        ),
         keepalive=upstream.keepalive,
+        end_sessions_on_expiry=token.end_sessions_on_expiry,
+        end_sessions_on_revocation=token.end_sessions_on_revocation,
     )
 
 
@@ -459,7 +464,7 @@ def upstream_target(settings: Settings) -> UpstreamTarget:
     return UpstreamTarget(
         host=up.host,
         port=up.port,
-        password=up.password,
+        password=up.password.get_secret_value(),
         sslmode=up.sslmode,
         ssl_context=upstream_ssl_context(up),
         channel_binding=up.channel_binding,
@@ -468,3 +473,52 @@ def upstream_target(settings: Settings) -> UpstreamTarget:
             settings.keepalive.idle, settings.keepalive.interval, settings.keepalive.count
         ),
     )
+
+
+@dataclass(slots=True)
+class Configured:
+    """The settings, the runtime built from them, and the long-lived sources it uses."""
+
+    settings: Settings
+    runtime: Runtime
+    key_source: JwksKeySource | None
+    revocation: RevocationFile | None
+
+    async def reload(self) -> Runtime:
+        """Re-read what lives in files or behind URLs -- the revocation list, the JWKS, TLS
+        certificates and keys, CA files -- and build the next runtime (also kept as
+        :attr:`runtime`). Raise ConfigError (the running runtime stays) when the result is
+        unusable. A revocation file or JWKS that fails to load keeps its last good
+        contents, as between reloads."""
+        if self.revocation is not None:
+            await self.revocation.poll(force=True)
+        if self.key_source is not None and not await self.key_source.refresh():
+            event(
+                log,
+                WARNING,
+                "JWKS refresh failed: keeping the previous keys",
+                source=self.key_source.name,
+                error=self.key_source.last_error,
+            )
+        self.runtime = build_runtime(
+            self.settings, key_source=self.key_source, revocation=self.revocation
+        )
+        return self.runtime
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Configured]:
+    """Settings (from the environment unless given) -> a :class:`Configured`, with its
+    JWKS source fetched and refreshing in the background until the block ends. Raise
+    ConfigError naming the variable: a proxy that cannot verify any token does not start."""
+    settings = load_settings() if settings is None else settings
+    key_source = _jwks_source(settings)
+    revocation = _revocation_file(settings)
+    if key_source is not None:
+        await key_source.start()
+    try:
+        runtime = build_runtime(settings, key_source=key_source, revocation=revocation)
+        yield Configured(settings, runtime, key_source, revocation)
+    finally:
+        if key_source is not None:
+            await key_source.close()

@@ -21,8 +21,9 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import ConfigError
-from .tokens import Identity
+from ..auth.policy import is_numeric_date
+from ..auth.tokens import EC_CURVE_ALGORITHMS, Identity
+from ..errors import ConfigError, TokenRejected
 
 PROG = "jwt-postgresql-proxy"
 T = TypeVar("T")
@@ -110,10 +111,10 @@ def tune_malloc() -> bool:
 def _serve(worker_args: argparse.Namespace | None = None) -> int:
     """The daemon: one process, or (WORKERS > 1) a supervisor of worker processes."""
     tune_malloc()
-    from .config import load_settings, upstream_target
-    from .logs import configure
-    from .server import serve
-    from .workers import Supervisor, WorkerInfo
+    from ..logs import configure
+    from .config import load_settings
+    from .daemon import serve, supervise
+    from .workers import WorkerInfo
 
     settings = load_settings()
     worker = None
@@ -121,23 +122,7 @@ def _serve(worker_args: argparse.Namespace | None = None) -> int:
         worker = WorkerInfo(worker_args.index, worker_args.count, worker_args.control_dir)
     configure(settings.log_level, settings.log_format.value, worker.index if worker else None)
     if worker is None and settings.workers > 1:
-        target = upstream_target(settings)  # also checks the upstream settings up front
-
-        async def ready() -> tuple[bool, str]:
-            from .upstream import connect_raw
-
-            try:
-                async with asyncio.timeout(2):
-                    (await connect_raw(target)).close()
-            except Exception as exc:  # any failure means "not ready"; the reason is shown
-                return False, f"upstream not reachable: {exc}"
-            return True, "ready"
-
-        metrics = settings.metrics
-        supervisor = Supervisor(
-            settings.workers, metrics_host=metrics.host, metrics_port=metrics.port, ready=ready
-        )
-        return _run(supervisor.run())
+        return _run(supervise(settings))
     _run(serve(settings, worker))
     return 0
 
@@ -178,7 +163,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _describe_time(value: object, now: float) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_numeric_date(value):
         return repr(value)
     when = datetime.datetime.fromtimestamp(value, datetime.UTC).isoformat(timespec="seconds")
     delta = value - now
@@ -196,20 +181,13 @@ def _unverified_part(token: str, index: int) -> object:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .config import build_runtime, jwks_source, load_settings, revocation_file
-    from .tokens import TokenRejected
+    from .config import open_runtime
 
     token = sys.stdin.read().strip() if args.token == "-" else args.token.strip()  # noqa: S105
-    settings = load_settings()
-    source = jwks_source(settings)
-    revocation = revocation_file(settings)
 
-    async def check() -> tuple[list[str], object]:
-        if source is not None:
-            await source.start()
-        try:
-            runtime = build_runtime(settings, key_source=source, revocation=revocation)
-            verifier = runtime.verifier
+    async def check() -> tuple[list[str], Identity | TokenRejected]:
+        async with open_runtime() as configured:
+            verifier = configured.runtime.verifier
             names = [key.name for key in verifier.all_keys()]
             claims = _unverified_part(token, 1)
             user = args.user
@@ -226,9 +204,6 @@ def _verify(args: argparse.Namespace) -> int:
                 )
             except TokenRejected as exc:
                 return names, exc
-        finally:
-            if source is not None:
-                await source.close()
 
     names, result = asyncio.run(check())
     now = time.time()
@@ -245,9 +220,8 @@ def _verify(args: argparse.Namespace) -> int:
         print("claims: not decodable")
     print(f"keys configured: {', '.join(names) or 'none'}")
     if isinstance(result, TokenRejected):
-        print(f"REJECTED: rule {result.code.value}: {result.detail}")
+        print(f"REJECTED: rule {result.code}: {result.detail}")
         return 1
-    assert isinstance(result, Identity)
     print(
         f"ACCEPTED: role={result.role} key={result.key_name} alg={result.algorithm} "
         f"read_only={'yes' if result.read_only else 'no'} "
@@ -279,9 +253,7 @@ def _token(args: argparse.Namespace) -> int:
         elif isinstance(key, rsa.RSAPrivateKey):
             algorithm = "RS256"
         elif isinstance(key, ec.EllipticCurvePrivateKey):
-            algorithm = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}.get(
-                key.curve.name, "ES256"
-            )
+            algorithm = EC_CURVE_ALGORITHMS.get(key.curve.name, "ES256")
         else:
             raise ConfigError(f"--key: unsupported key type {type(key).__name__}")
     now = int(time.time())

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
+
+from ..errors import ClientDisconnected, ProtocolViolation, ProxyError
 
 #: Stop reading from the peer when this much is buffered and unread (handshake only).
 _READ_HIGH_WATER = 65536
@@ -28,13 +31,17 @@ class Keepalive:
     count: int = 6
 
 
-class ConnectionClosed(Exception):
-    """The peer closed the connection (or it was lost) while we waited for data."""
-
-
 class HandshakeProtocol(asyncio.Protocol):
-    def __init__(self, keepalive: Keepalive | None = None) -> None:
+    def __init__(
+        self,
+        keepalive: Keepalive | None = None,
+        *,
+        peer_closed: Callable[[str], ProxyError] = ClientDisconnected,
+    ) -> None:
+        """``peer_closed``: the error to raise when the peer is gone while the session needs
+        it -- :class:`ClientDisconnected` for a client, an UpstreamError for upstream."""
         self._keepalive = keepalive or Keepalive()
+        self._peer_closed = peer_closed
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._eof = False
@@ -90,7 +97,7 @@ class HandshakeProtocol(asyncio.Protocol):
         """Return what is buffered, waiting for at least one byte. Raise at end of stream."""
         while not self._buffer:
             if self._eof:
-                raise ConnectionClosed("connection closed by peer")
+                raise self._peer_closed("connection closed by peer")
             loop = asyncio.get_running_loop()
             self._data_waiter = loop.create_future()
             try:
@@ -106,13 +113,13 @@ class HandshakeProtocol(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is None or self._lost or self.transport.is_closing():
-            raise ConnectionClosed("cannot write: connection closed")
+            raise self._peer_closed("cannot write: connection closed")
         self.transport.write(data)
         self.bytes_sent += len(data)
 
     async def drain(self) -> None:
         if self._lost:
-            raise ConnectionClosed("connection lost")
+            raise self._peer_closed("connection lost")
         if not self._write_paused:
             return
         loop = asyncio.get_running_loop()
@@ -133,7 +140,7 @@ class HandshakeProtocol(asyncio.Protocol):
         """Upgrade to TLS in place; the buffer must be empty (checked by the callers)."""
         assert self.transport is not None
         if self._buffer:
-            raise ConnectionClosed("unencrypted data buffered before TLS handshake")
+            raise ProtocolViolation("unencrypted data buffered before TLS handshake")
         loop = asyncio.get_running_loop()
         new_transport = await loop.start_tls(
             self.transport,
@@ -144,7 +151,7 @@ class HandshakeProtocol(asyncio.Protocol):
             ssl_handshake_timeout=timeout,
         )
         if new_transport is None:
-            raise ConnectionClosed("connection closed during TLS handshake")
+            raise self._peer_closed("connection closed during TLS handshake")
         self.transport = new_transport
 
     def detach(self) -> tuple[asyncio.Transport, bytes]:

@@ -1,31 +1,60 @@
 """Open a logged-in connection to the upstream PostgreSQL server.
 
-TCP (or a Unix socket when the host is a directory, as in libpq), then TLS per
-``UPSTREAM__SSLMODE``, then the sans-IO :class:`~jwtpgproxy.login.UpstreamLogin` driven over
-the connection until ReadyForQuery.
+TCP (or a Unix socket when the host is a directory, as in libpq), then TLS per the target's
+``sslmode`` (libpq's meanings), then the sans-IO :class:`~jwtpgproxy.protocol.login.UpstreamLogin`
+driven over the connection until ReadyForQuery.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
+import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 
-from . import login as login_sm
-from . import wire
-from .config import UpstreamSSLMode, UpstreamTarget
-from .connection import ConnectionClosed, HandshakeProtocol
-from .errors import (
+from ..errors import (
     INVALID_AUTHORIZATION_SPECIFICATION,
+    ProxyError,
     UpstreamErrorResponse,
     UpstreamProtocolError,
     UpstreamUnavailable,
 )
+from ..protocol import login as login_sm
+from ..protocol import wire
+from ..protocol.login import ChannelBindingPolicy
+from .connection import HandshakeProtocol, Keepalive
+
+
+class UpstreamSSLMode(enum.StrEnum):
+    """libpq's ``sslmode`` meanings (libpq docs 34.19.1, table "SSL Mode Descriptions")."""
+
+    DISABLE = "disable"
+    ALLOW = "allow"
+    PREFER = "prefer"
+    REQUIRE = "require"
+    VERIFY_CA = "verify-ca"
+    VERIFY_FULL = "verify-full"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """Where and how to reach upstream: built once from the settings."""
+
+    host: str  # a host name or address, or a Unix socket directory (starts with "/")
+    port: int
+    password: str = field(repr=False)
+    sslmode: UpstreamSSLMode
+    ssl_context: ssl.SSLContext | None  # None when sslmode is disable
+    channel_binding: ChannelBindingPolicy
+    connect_timeout: float
+    keepalive: Keepalive
+
 
 _TLS_REQUIRED = frozenset(
     {UpstreamSSLMode.REQUIRE, UpstreamSSLMode.VERIFY_CA, UpstreamSSLMode.VERIFY_FULL}
@@ -77,7 +106,7 @@ async def _attempt(
         binding = _tls_server_end_point(protocol) if tls else None
         machine = login_sm.UpstreamLogin(
             user=parameters["user"],
-            password=target.password.get_secret_value(),
+            password=target.password,
             parameters=parameters,
             channel_binding=target.channel_binding,
             tls_server_end_point=binding,
@@ -91,20 +120,20 @@ async def _attempt(
             elif isinstance(event, login_sm.LoginComplete):
                 return UpstreamConnection(protocol, event, tls, machine.leftover())
             else:
-                try:
-                    machine.receive_data(await protocol.read())
-                except ConnectionClosed:
-                    raise UpstreamUnavailable(
-                        f"upstream {describe(target)} closed the connection during login"
-                    ) from None
+                machine.receive_data(await protocol.read())
     except BaseException:
         protocol.abort()
         raise
 
 
 async def connect_raw(target: UpstreamTarget) -> HandshakeProtocol:
+    """A TCP (or Unix-socket) connection to upstream, nothing sent yet."""
     loop = asyncio.get_running_loop()
-    protocol = HandshakeProtocol(target.keepalive)
+
+    def closed(reason: str) -> ProxyError:
+        return UpstreamUnavailable(f"upstream {describe(target)}: {reason}")
+
+    protocol = HandshakeProtocol(target.keepalive, peer_closed=closed)
     try:
         async with asyncio.timeout(target.connect_timeout):
             if target.host.startswith("/"):
@@ -134,8 +163,6 @@ async def negotiate_tls(protocol: HandshakeProtocol, target: UpstreamTarget) -> 
         raise UpstreamUnavailable(
             f"upstream {describe(target)} did not answer SSLRequest"
         ) from None
-    except ConnectionClosed:
-        raise UpstreamUnavailable(f"upstream {describe(target)} closed during SSLRequest") from None
     if answer[:1] == b"S":
         if len(answer) > 1:
             # CVE-2021-23222: bytes after 'S' and before the TLS handshake were not
@@ -148,7 +175,7 @@ async def negotiate_tls(protocol: HandshakeProtocol, target: UpstreamTarget) -> 
                 server_hostname=target.host,
                 timeout=target.connect_timeout,
             )
-        except (OSError, ConnectionClosed, TimeoutError) as exc:
+        except (OSError, UpstreamUnavailable, TimeoutError) as exc:
             raise UpstreamUnavailable(
                 f"TLS handshake with upstream {describe(target)} failed: {exc}"
             ) from None
@@ -159,7 +186,7 @@ async def negotiate_tls(protocol: HandshakeProtocol, target: UpstreamTarget) -> 
         if target.sslmode in _TLS_REQUIRED:
             raise UpstreamUnavailable(
                 f"upstream {describe(target)} does not support TLS, and "
-                f"UPSTREAM__SSLMODE={target.sslmode.value} requires it"
+                f"sslmode {target.sslmode.value} requires it"
             )
         return False
     # A server too old for SSLRequest answers with an ErrorResponse.
@@ -219,3 +246,14 @@ async def terminate_backends(
         protocol.write(wire.terminate())
     finally:
         protocol.close()
+
+
+async def probe_upstream(target: UpstreamTarget, timeout: float = 2.0) -> tuple[bool, str]:
+    """Readiness: does upstream accept a TCP connection within ``timeout`` seconds?"""
+    try:
+        async with asyncio.timeout(timeout):
+            protocol = await connect_raw(target)
+    except (ProxyError, TimeoutError) as exc:
+        return False, f"upstream not reachable: {exc}"
+    protocol.close()
+    return True, "ready"

@@ -1,0 +1,60 @@
+"""What the listener and every session need, as immutable values.
+
+Built once from the settings by :mod:`jwtpgproxy.ops.config` (and rebuilt on SIGHUP); nothing
+in the proxy layer reads a setting or an environment variable. A session keeps the
+:class:`Runtime` it started with, so a reload never changes a live session.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from ..auth.tokens import TokenVerifier
+from ..protocol.frontend import DownstreamSSLMode
+from .connection import Keepalive
+from .upstream import UpstreamTarget
+
+
+@dataclass(frozen=True, slots=True)
+class Downstream:
+    """The client-facing side: where to listen and how to treat clients."""
+
+    hosts: tuple[str, ...]
+    port: int
+    ssl_mode: DownstreamSSLMode
+    ssl_context: ssl.SSLContext | None  # None when ssl_mode is disable
+    #: The longest PasswordMessage body accepted (the token plus its NUL).
+    max_password_length: int
+    allow_replication: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    #: From accept() to the end of the upstream login (PostgreSQL authentication_timeout).
+    authentication_timeout: float
+    #: Client connections at once; beyond it, FATAL 53300 before any password is asked.
+    max_client_connections: int
+    #: Connections that have not finished login at once; beyond it new ones are closed.
+    max_pending_logins: int
+    #: How long a stop waits for sessions to end before ending them.
+    shutdown_timeout: float
+    #: Seconds, sent upstream as PostgreSQL's idle_session_timeout (0 = off).
+    idle_session_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    verifier: TokenVerifier
+    upstream: UpstreamTarget
+    downstream: Downstream
+    limits: Limits
+    keepalive: Keepalive
+    #: The proxy ends a session itself when its token expires / is revoked (FATAL 57P01).
+    end_sessions_on_expiry: bool = False
+    end_sessions_on_revocation: bool = False
+
+    @property
+    def endable_sessions(self) -> bool:
+        """Sessions may have to be ended by the proxy: track upstream's message boundaries."""
+        return self.end_sessions_on_expiry or self.end_sessions_on_revocation
