@@ -211,9 +211,12 @@ class Env:
             log(f"creating bench_copy_src ({rows} rows, ~{a.copy_mb} MB as COPY text)")
             self.su_psql(
                 "drop table if exists bench_copy_src;"
-                "create unlogged table bench_copy_src (id bigint, a text, b text, n numeric, t timestamptz);"
-                f"insert into bench_copy_src select g, md5(g::text)||md5((g+1)::text)||md5((g+2)::text),"
-                " md5((g+3)::text)||md5((g+4)::text), g * 1.5, '2024-01-01'::timestamptz + g * interval '1 s'"
+                "create unlogged table bench_copy_src"
+                " (id bigint, a text, b text, n numeric, t timestamptz);"
+                "insert into bench_copy_src select g,"
+                " md5(g::text)||md5((g+1)::text)||md5((g+2)::text),"
+                " md5((g+3)::text)||md5((g+4)::text), g * 1.5,"
+                " '2024-01-01'::timestamptz + g * interval '1 s'"
                 f" from generate_series(1, {rows}) g;"
                 "alter table bench_copy_src owner to scram_user;",
                 db="proxytest",
@@ -373,7 +376,7 @@ stats_period = 3600
             "server_tls": server_sslmode,
         }
 
-    # the proxy ----------------------------------------------------------------------------------------
+    # the proxy --------------------------------------------------------------------------------
     def proxy_env(
         self, port: int, upstream_port: int, sslmode: str, extra: dict[str, str]
     ) -> dict[str, str]:
@@ -420,7 +423,8 @@ stats_period = 3600
         pid = proc.pid
         if register:
             self.targets[name] = {
-                "dsn": f"host=127.0.0.1 port={port} user=scram_user dbname=proxytest sslmode=require",
+                "dsn": f"host=127.0.0.1 port={port} user=scram_user dbname=proxytest"
+                " sslmode=require",
                 "password": self.token,
                 "pids": lambda pid=pid: proc_tree(pid),
                 "kind": "proxy",
@@ -580,10 +584,12 @@ def start_idle_cluster(env: Env, max_conn: int) -> tuple[int, int]:
     with open(d / "data" / "postgresql.conf", "a") as f:
         f.write(
             f"\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{d}'\n"
-            f"max_connections = {max_conn}\nshared_buffers = 32MB\nfsync = off\nlogging_collector = off\n"
+            f"max_connections = {max_conn}\nshared_buffers = 32MB\nfsync = off\n"
+            "logging_collector = off\n"
             # the lock table is sized by max_connections: keep shared memory (and every
             # backend's page tables for it) small
-            "max_locks_per_transaction = 10\nmax_pred_locks_per_transaction = 10\nmax_wal_size = 256MB\n"
+            "max_locks_per_transaction = 10\nmax_pred_locks_per_transaction = 10\n"
+            "max_wal_size = 256MB\n"
         )
     proc = subprocess.Popen(
         [str(env.pgbin / "postgres"), "-D", str(d / "data")],
@@ -606,7 +612,8 @@ def start_idle_cluster(env: Env, max_conn: int) -> tuple[int, int]:
             f"pw={env.password}",
             conn,
         ],
-        input="create role scram_user login password :'pw';\ncreate database proxytest owner scram_user;\n",
+        input="create role scram_user login password :'pw';\n"
+        "create database proxytest owner scram_user;\n",
         text=True,
         capture_output=True,
         timeout=60,
@@ -637,7 +644,7 @@ async def open_idle(
                 )
                 await c.execute("select 1")
                 conns.append(c)
-            except Exception as e:  # noqa: BLE001 — record, go on
+            except Exception as e:  # record, go on
                 errors.append(str(e)[:200])
                 return
             if len(conns) % 250 == 0:
@@ -838,19 +845,26 @@ def idle_text(idle: dict[str, Any] | None) -> str:
     if "n_open" not in idle:
         return f"Idle-connection test failed: {idle.get('error')}\n"
     s = (
-        f"Idle connections through the proxy: {idle['n_open']:,} of {idle['n_requested']:,} opened "
-        f"in {idle['open_seconds']:.0f} s ({idle['n_errors']} errors; {idle['sample_alive']} sampled still answer "
-        f"after idling); proxy processes: {idle['proxy_processes']}; proxy RSS {idle['proxy_rss_baseline_kib'] / 1024:.0f} → "
-        f"{idle['proxy_rss_kib'] / 1024:.0f} MiB = **{idle['proxy_rss_per_conn_kib']:.1f} KiB per connection** "
+        f"Idle connections through the proxy: {idle['n_open']:,} of {idle['n_requested']:,} "
+        f"opened in {idle['open_seconds']:.0f} s ({idle['n_errors']} errors; "
+        f"{idle['sample_alive']} sampled still answer after idling); "
+        f"proxy processes: {idle['proxy_processes']}; "
+        f"proxy RSS {idle['proxy_rss_baseline_kib'] / 1024:.0f} → "
+        f"{idle['proxy_rss_kib'] / 1024:.0f} MiB = "
+        f"**{idle['proxy_rss_per_conn_kib']:.1f} KiB per connection** "
         "(client TLS + upstream socket). "
     )
     if "pg_pss_delta_kib" in idle:
         s += (
             f"For scale: the upstream PostgreSQL backends add "
-            f"{idle['pg_pss_delta_kib'] / idle['n_open']:,.0f} KiB PSS per connection, the benchmark client "
+            f"{idle['pg_pss_delta_kib'] / idle['n_open']:,.0f} KiB PSS per connection, "
+            f"the benchmark client "
             f"{idle['client_rss_delta_kib'] / idle['n_open']:,.0f} KiB RSS per connection; "
         )
-    s += f"system MemAvailable dropped {idle['system_mem_per_conn_kib']:.0f} KiB per connection in all.\n"
+    s += (
+        f"system MemAvailable dropped {idle['system_mem_per_conn_kib']:.0f} KiB per connection "
+        "in all.\n"
+    )
     if idle.get("error"):
         s += f"Stopped early: {idle['error']}\n"
     return s
@@ -880,10 +894,12 @@ def chart(raw: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
     ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(
-        "relative performance of the proxy (medians; >1 = proxy better, 1 = parity; latency rows inverted: base/proxy)"
+        "relative performance of the proxy (medians; >1 = proxy better, 1 = parity; "
+        "latency rows inverted: base/proxy)"
     )
     ax.set_title(
-        f"jwt-postgresql-proxy vs direct PostgreSQL and PgBouncer — {raw['config']['rounds']} round(s), {raw['started']}",
+        f"jwt-postgresql-proxy vs direct PostgreSQL and PgBouncer — "
+        f"{raw['config']['rounds']} round(s), {raw['started']}",
         fontsize=10,
     )
     ax.legend(fontsize=8, loc="lower right")
@@ -892,7 +908,7 @@ def chart(raw: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-# --- main --------------------------------------------------------------------------------------------
+# --- main -----------------------------------------------------------------------------------------
 
 
 def parse_args() -> argparse.Namespace:
@@ -996,10 +1012,12 @@ def write_report(raw: dict[str, Any], out: Path) -> None:
     md = (
         f"# Benchmark summary ({raw['started']})\n\n"
         f"Medians of {len(raw['rounds'])} interleaved round(s); pgbench -j 2 -T {c['duration']}; "
-        f"COPY {c['copy_bytes'] / 1e6:.0f} MB; {c['connects']} connects. Client TLS on for every target "
-        "(sslmode=require). `-tls` targets use TLS upstream, the others plaintext upstream on localhost."
+        f"COPY {c['copy_bytes'] / 1e6:.0f} MB; {c['connects']} connects. "
+        "Client TLS on for every target (sslmode=require). "
+        "`-tls` targets use TLS upstream, the others plaintext upstream on localhost."
         f"{env_note}{var_note}\n"
-        f"Machine: {raw['machine']['cpus']} CPUs, {raw['machine']['postgres']}, {raw['machine'].get('pgbouncer')}. "
+        f"Machine: {raw['machine']['cpus']} CPUs, {raw['machine']['postgres']}, "
+        f"{raw['machine'].get('pgbouncer')}. "
         f"Elapsed {raw['elapsed_seconds'] / 60:.1f} min.\n\n"
         "Ratios are value ratios of medians: for tps/MB/s/conn/s higher is better for the proxy; "
         "for ms rows a ratio > 1 means the proxy is slower.\n\n"
@@ -1010,7 +1028,7 @@ def write_report(raw: dict[str, Any], out: Path) -> None:
     (out / "summary.md").write_text(md)
     try:
         chart(raw, summary, out / "ratios.png")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         log(f"chart failed: {e}")
     print()
     print(md)
@@ -1123,7 +1141,7 @@ def main() -> int:
                 for t in order:
                     try:
                         rd[t][key] = fn(t)
-                    except Exception as e:  # noqa: BLE001 — keep going, record it
+                    except Exception as e:  # keep going, record it
                         rd[t][key] = {"error": f"{type(e).__name__}: {e}"[:500]}
                     r = rd[t][key]
                     r["loadavg1"] = os.getloadavg()[0]  # a busy machine (other jobs) shows here
@@ -1138,7 +1156,7 @@ def main() -> int:
             log(f"idle test: {a.idle} connections through a proxy to a second cluster")
             try:
                 raw["idle"] = idle_test(env, a.idle, a.idle_time_limit, a.idle_min_free_mib)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raw["idle"] = {"error": f"{type(e).__name__}: {e}"[:1000]}
             log(f"idle: { {k: v for k, v in raw['idle'].items() if k != 'samples'} }")
     except KeyboardInterrupt:
