@@ -90,6 +90,64 @@ def proc_tree(pid: int) -> list[int]:
     return out
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pids: list[int]) -> dict[int, tuple[int, int]]:
+    """{pid: (utime, stime)} in clock ticks, from /proc/PID/stat fields 14 and 15.
+
+    Each figure covers all threads of the process; children are separate processes, so the
+    caller passes the whole tree (proc_tree) to count WORKERS > 1.
+    """
+    out: dict[int, tuple[int, int]] = {}
+    for p in pids:
+        try:
+            text = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        rest = text[text.rfind(")") + 2 :].split()  # rest[0] is field 3 (state)
+        out[p] = (int(rest[11]), int(rest[12]))
+    return out
+
+
+def cpu_delta(
+    before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]
+) -> tuple[float, float]:
+    """User and system CPU seconds spent between two cpu_ticks() snapshots.
+
+    A process that appeared in between counts in full; one that vanished is lost (a worker
+    that died mid-run: rare, and the supervisor log says so).
+    """
+    user = sys_ = 0
+    for p, (u, s) in after.items():
+        u0, s0 = before.get(p, (0, 0))
+        user += u - u0
+        sys_ += s - s0
+    return user / CLK_TCK, sys_ / CLK_TCK
+
+
+def add_cpu(r: dict[str, Any], user_s: float, sys_s: float) -> None:
+    """Record the middleman's CPU in a workload result, per transaction and per MB."""
+    r["cpu_user_s"], r["cpu_sys_s"] = user_s, sys_s
+    per = [("tx", r.get("transactions")), ("mb", (r.get("bytes") or 0) / 1e6 or None)]
+    for unit, n in per:
+        if n:
+            r[f"cpu_us_per_{unit}_user"] = user_s * 1e6 / n
+            r[f"cpu_us_per_{unit}_sys"] = sys_s * 1e6 / n
+            r[f"cpu_us_per_{unit}_total"] = (user_s + sys_s) * 1e6 / n
+
+
+def measured(target: dict[str, Any], fn: Any) -> dict[str, Any]:
+    """fn() with the CPU of the target's middleman process tree (none for direct PostgreSQL)."""
+    if target["kind"] == "direct":
+        return fn()  # type: ignore[no-any-return]
+    before = cpu_ticks(target["pids"]())
+    r: dict[str, Any] = fn()
+    user_s, sys_s = cpu_delta(before, cpu_ticks(target["pids"]()))
+    add_cpu(r, user_s, sys_s)
+    return r
+
+
 def rss_kib(pids: list[int]) -> int:
     total = 0
     for p in pids:
@@ -193,8 +251,10 @@ class Env:
             return -1
         return int(self.su_psql(f"select count(*) from {table}", db="proxytest"))
 
-    def prepare_data(self) -> None:
+    def prepare_data(self, copy: bool = True) -> None:
+        """pgbench tables (if missing); with copy, the COPY tables and the RAM dump."""
         a = self.args
+        self.copy_bytes = 0
         if self.count_rows("pgbench_branches") != a.scale or a.reinit:
             log(f"pgbench -i -s {a.scale} into proxytest")
             env = dict(os.environ, PGPASSWORD=self.password)
@@ -205,6 +265,9 @@ class Env:
             )
             if r.returncode:
                 raise RuntimeError(f"pgbench -i failed: {r.stderr}")
+        if not copy:
+            self.su_psql("select count(*) from pgbench_accounts", db="proxytest")  # warm cache
+            return
         # COPY source: ~ 200 bytes a row in text format. Unlogged: no WAL to write.
         rows = int(a.copy_mb * 1e6 / 200) + 1
         if self.count_rows("bench_copy_src") != rows:
@@ -462,6 +525,8 @@ def pgbench(
             out["latency_avg_ms"] = float(line.split()[3])
         elif line.startswith("average connection time = "):
             out["connect_avg_ms"] = float(line.split()[4])
+        elif line.startswith("number of transactions actually processed"):
+            out["transactions"] = int(line.split(":")[1].split("/")[0])
         elif line.startswith("number of failed transactions"):
             out["failed"] = int(line.split(":")[1].split()[0])
     if r.returncode or out["tps"] is None:
@@ -503,7 +568,7 @@ def copy_out(env: Env, target: dict[str, Any]) -> dict[str, Any]:
     dt = time.monotonic() - t0
     if r.returncode:
         return {"error": r.stderr.decode()[-500:]}
-    return {"seconds": dt, "mb_per_s": env.copy_bytes / 1e6 / dt}
+    return {"seconds": dt, "mb_per_s": env.copy_bytes / 1e6 / dt, "bytes": env.copy_bytes}
 
 
 def copy_in(env: Env, target: dict[str, Any]) -> dict[str, Any]:
@@ -530,7 +595,7 @@ def copy_in(env: Env, target: dict[str, Any]) -> dict[str, Any]:
         dt = time.monotonic() - t0
     if r.returncode:
         return {"error": r.stderr.decode()[-500:]}
-    return {"seconds": dt, "mb_per_s": env.copy_bytes / 1e6 / dt}
+    return {"seconds": dt, "mb_per_s": env.copy_bytes / 1e6 / dt, "bytes": env.copy_bytes}
 
 
 def connect_latency(env: Env, target: dict[str, Any], n: int) -> dict[str, Any]:
@@ -751,7 +816,7 @@ async def _warm(dsn: str, password: str) -> None:
 # --- report ---------------------------------------------------------------------------------------
 
 # (key, label, unit, higher_is_better)
-METRICS = [
+BASE_METRICS = [
     ("S_simple_c1", "select-only -M simple, 1 client", "tps", True),
     ("S_simple_c16", "select-only -M simple, 16 clients", "tps", True),
     ("S_simple_c64", "select-only -M simple, 64 clients", "tps", True),
@@ -766,15 +831,39 @@ METRICS = [
     ("connect_p50", "connect + first result p50", "ms", False),
     ("connect_p90", "connect + first result p90", "ms", False),
 ]
+CPU_PARTS = ("user", "sys", "total")
 
 
-def extract(raw: dict[str, Any], target: str, key: str) -> list[float]:
+def cpu_unit(key: str) -> tuple[str, str]:
+    """(field suffix, unit label) of the CPU row that follows workload row `key`."""
+    if key.startswith("copy_"):
+        return "mb", "µs/MB"
+    if key.startswith("connect_rate"):
+        return "tx", "µs/conn"
+    return "tx", "µs/txn"
+
+
+# Under every throughput row, the middleman's CPU for the same runs (principle 11: CPU µs per
+# transaction is steadier than tps on a shared 2-core box). Lower is better.
+METRICS: list[tuple[str, str, str, bool]] = []
+for _m in BASE_METRICS:
+    METRICS.append(_m)
+    if _m[0].startswith(("S_", "connect_rate", "copy_")):
+        METRICS.append(
+            (f"cpu:{_m[0]}", "↳ middleman CPU user/sys/total", cpu_unit(_m[0])[1], False)
+        )
+
+
+def extract(raw: dict[str, Any], target: str, key: str, part: str = "total") -> list[float]:
     rounds = raw["rounds"]
     vals: list[float] = []
     for rd in rounds:
         r = rd.get(target, {})
         v: Any = None
-        if key.startswith(("S_", "connect_rate")):
+        if key.startswith("cpu:"):
+            base = key[4:]
+            v = r.get(base, {}).get(f"cpu_us_per_{cpu_unit(base)[0]}_{part}")
+        elif key.startswith(("S_", "connect_rate")):
             v = r.get(key, {}).get("tps")
         elif key in ("copy_out", "copy_in"):
             v = r.get(key, {}).get("mb_per_s")
@@ -787,42 +876,75 @@ def extract(raw: dict[str, Any], target: str, key: str) -> list[float]:
     return vals
 
 
+def pgbouncer_twin(proxy: str, targets: list[str]) -> str | None:
+    """The PgBouncer target with the same upstream as a proxy target: proxy-tls ->
+    pgbouncer-tls, anything else (variants) -> pgbouncer."""
+    suffix = proxy[len("proxy") :]
+    for pb in (f"pgbouncer{suffix}", "pgbouncer"):
+        if pb in targets:
+            return pb
+    return None
+
+
 def comparisons(targets: list[str]) -> list[tuple[str, str]]:
     pairs = []
     for t in targets:
         if not t.startswith("proxy"):
             continue
-        tls = t.endswith("-tls")
-        pairs.append((t, "direct"))
-        pb = "pgbouncer-tls" if tls else "pgbouncer"
-        if pb in targets:
+        if "direct" in targets:
+            pairs.append((t, "direct"))
+        pb = pgbouncer_twin(t, targets)
+        if pb:
             pairs.append((t, pb))
     return pairs
+
+
+def fmt(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
 
 
 def summarize(raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     targets = raw["targets"]
     pairs = comparisons(targets)
     med: dict[str, dict[str, float | None]] = {}
+    cpu_med: dict[str, dict[str, dict[str, float]]] = {}
     for key, *_ in METRICS:
         med[key] = {}
         for t in targets:
             v = extract(raw, t, key)
             med[key][t] = statistics.median(v) if v else None
+        if key.startswith("cpu:"):
+            cpu_med[key] = {}
+            for t in targets:
+                parts = {p: extract(raw, t, key, p) for p in CPU_PARTS}
+                if all(parts.values()):
+                    cpu_med[key][t] = {p: statistics.median(v) for p, v in parts.items()}
     head = ["workload", "unit", *targets, *[f"{a}/{b}" for a, b in pairs]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ratios: dict[str, dict[str, float | None]] = {}
     for key, label, unit, _hib in METRICS:
+        is_cpu = key.startswith("cpu:")
+        if is_cpu and not cpu_med[key]:
+            continue  # workload not run (or results from before CPU accounting)
         row = [label, unit]
         for t in targets:
             v = med[key][t]
-            row.append("—" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:.2f}"))
+            if is_cpu:
+                c = cpu_med[key].get(t)
+                # direct PostgreSQL has no middleman process: nothing to measure
+                row.append(
+                    "–"
+                    if t == "direct"
+                    else ("—" if c is None else "/".join(f"{c[p]:.0f}" for p in CPU_PARTS))
+                )
+            else:
+                row.append("—" if v is None else fmt(v))
         ratios[key] = {}
         for a, b in pairs:
             va, vb = med[key][a], med[key][b]
             r = va / vb if va and vb else None
             ratios[key][f"{a}/{b}"] = r
-            row.append("—" if r is None else f"{r:.2f}")
+            row.append(("–" if is_cpu and b == "direct" else "—") if r is None else f"{r:.2f}")
         lines.append("| " + " | ".join(row) + " |")
     # added latency in ms over direct
     added = []
@@ -836,7 +958,7 @@ def summarize(raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             f"- {dict((m[0], m[1]) for m in METRICS)[key]}, added over direct: " + ", ".join(parts)
         )
     text = "\n".join(lines) + "\n\n" + "\n".join(added) + "\n"
-    return text, {"medians": med, "ratios": ratios}
+    return text, {"medians": med, "cpu_medians": cpu_med, "ratios": ratios}
 
 
 def idle_text(idle: dict[str, Any] | None) -> str:
@@ -877,12 +999,17 @@ def chart(raw: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     pairs = [f"{a}/{b}" for a, b in comparisons(raw["targets"])]
-    labels = [m[1] for m in METRICS]
-    fig, ax = plt.subplots(figsize=(12, 7))
+    base_label = {m[0]: m[1] for m in BASE_METRICS}
+    rows = [m for m in METRICS if m[0] in summary["ratios"]]
+    labels = [
+        f"middleman CPU {unit}, {base_label[key[4:]]}" if key.startswith("cpu:") else label
+        for key, label, unit, _hib in rows
+    ]
+    fig, ax = plt.subplots(figsize=(12, max(7.0, 0.4 * len(rows) + 2)))
     h = 0.8 / max(1, len(pairs))
     for i, p in enumerate(pairs):
         vals = []
-        for key, _label, _unit, hib in METRICS:
+        for key, _label, _unit, hib in rows:
             r = summary["ratios"][key].get(p)
             vals.append(0 if r is None else (r if hib else 1 / r))
         ys = [j + i * h for j in range(len(labels))]
@@ -895,7 +1022,7 @@ def chart(raw: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel(
         "relative performance of the proxy (medians; >1 = proxy better, 1 = parity; "
-        "latency rows inverted: base/proxy)"
+        "latency and CPU rows inverted: base/proxy)"
     )
     ax.set_title(
         f"jwt-postgresql-proxy vs direct PostgreSQL and PgBouncer — "
@@ -915,17 +1042,19 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
     p.add_argument(
         "--quick",
         action="store_true",
         help="smoke test: 1 round, 2 s runs, 50 MB COPY, 20 connects, 200 idle",
     )
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="output directory")
-    p.add_argument("--duration", type=int, default=10, help="pgbench -T seconds (default 10)")
     p.add_argument(
-        "--clients", default="1,16,64", help="pgbench -S client counts (default 1,16,64)"
+        "--out",
+        type=Path,
+        help="output directory (default bench/results/)",
     )
+    p.add_argument("--duration", type=int, help="pgbench -T seconds (default 10)")
+    p.add_argument("--clients", help="pgbench -S client counts (default 1,16,64)")
     p.add_argument(
         "--connect-clients", type=int, default=16, help="clients for pgbench -S -C (default 16)"
     )
@@ -987,9 +1116,15 @@ def parse_args() -> argparse.Namespace:
     )
     a = p.parse_args()
     if a.quick:
-        a.rounds, a.duration, a.copy_mb, a.connects = 1, 2, 50, 20
+        a.rounds = a.rounds or 1
+        a.duration = a.duration or 2
+        a.copy_mb, a.connects = 50, 20
         if a.idle == 10000:
             a.idle = 200
+    a.rounds = a.rounds or 3
+    a.duration = a.duration or 10
+    a.clients = a.clients or "1,16,64"
+    a.out = a.out or REPO / "bench" / "results"
     if a.no_idle:
         a.idle = 0
     a.workloads = a.workloads if a.workloads else "none"
@@ -1018,9 +1153,13 @@ def write_report(raw: dict[str, Any], out: Path) -> None:
         f"{env_note}{var_note}\n"
         f"Machine: {raw['machine']['cpus']} CPUs, {raw['machine']['postgres']}, "
         f"{raw['machine'].get('pgbouncer')}. "
+        f"Load average (1 min) during the runs: {loadavg_note(raw)}. "
         f"Elapsed {raw['elapsed_seconds'] / 60:.1f} min.\n\n"
         "Ratios are value ratios of medians: for tps/MB/s/conn/s higher is better for the proxy; "
-        "for ms rows a ratio > 1 means the proxy is slower.\n\n"
+        "for ms rows a ratio > 1 means the proxy is slower. "
+        "↳ rows: CPU of the middleman's process tree (user/sys/total, from /proc/PID/stat) "
+        "divided by the transactions (or MB) of the same runs; the ratio is of the totals, "
+        "> 1 means the proxy spends more CPU; – for direct PostgreSQL (no middleman).\n\n"
         + table
         + "\n"
         + idle_text(raw.get("idle"))
@@ -1035,15 +1174,121 @@ def write_report(raw: dict[str, Any], out: Path) -> None:
     print(f"raw figures: {out / 'results.json'}\nchart: {out / 'ratios.png'}")
 
 
-def main() -> int:
-    a = parse_args()
-    if a.report_only:
-        a.out.mkdir(parents=True, exist_ok=True)
-        write_report(json.loads(a.report_only.read_text()), a.out)
-        return 0
+def loadavg_note(raw: dict[str, Any]) -> str:
+    vals = [
+        r["loadavg1"]
+        for rd in raw["rounds"]
+        for per_t in rd.values()
+        for r in per_t.values()
+        if isinstance(r, dict) and "loadavg1" in r
+    ]
+    if not vals:
+        return "n/a"
+    return f"median {statistics.median(vals):.1f}, max {max(vals):.1f}"
+
+
+# --- running --------------------------------------------------------------------------------------
+
+
+def start_targets(env: Env, a: argparse.Namespace, full: bool) -> list[str]:
+    """Start the middlemen. full: also direct PostgreSQL and the TLS-upstream pair."""
+    if full:
+        env.targets["direct"] = {
+            "dsn": env.dsn_direct(),
+            "password": env.password,
+            "pids": lambda: [],
+            "kind": "direct",
+        }
+    if not a.no_pgbouncer:
+        env.start_pgbouncer("pgbouncer", "disable")
+    env.start_proxy("proxy", "disable")
+    for name, extra in a.variants:
+        env.start_proxy(f"proxy-{name}", "disable", extra)
+    if full and not a.no_upstream_tls:
+        if not a.no_pgbouncer:
+            env.start_pgbouncer("pgbouncer-tls", "require")
+        env.start_proxy("proxy-tls", "require")
+    targets = list(env.targets)
+    # sanity: one query through every target
+    for t in targets:
+        r = connect_latency(env, env.targets[t], 1)
+        log(f"target {t}: ok ({r['p50_ms']:.1f} ms) {env.targets[t]['dsn']}")
+    return targets
+
+
+def machine_info(env: Env, a: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postgres": run([str(env.pgbin / "postgres"), "--version"], timeout=10).stdout.strip(),
+        "pgbouncer": None
+        if a.no_pgbouncer
+        else (run(["pgbouncer", "--version"], timeout=10).stdout.splitlines() or [""])[0],
+    }
+
+
+BRIEF_KEYS = (
+    "tps",
+    "mb_per_s",
+    "p50_ms",
+    "cpu_us_per_tx_user",
+    "cpu_us_per_tx_sys",
+    "cpu_us_per_tx_total",
+    "cpu_us_per_mb_total",
+    "loadavg1",
+)
+
+
+def interleave(
+    env: Env,
+    targets: list[str],
+    steps: list[tuple[str, Any]],
+    rounds: int,
+    raw: dict[str, Any],
+    out_json: Path,
+) -> None:
+    """Every step through every target in turn, the order rotating each round, so drift
+    (other jobs, thermal, page cache) hits all targets alike. Appends to raw["rounds"]."""
+    for rnd in range(1, rounds + 1):
+        rd: dict[str, dict[str, Any]] = {t: {} for t in targets}
+        raw["rounds"].append(rd)
+        log(f"round {rnd}/{rounds} (load average {os.getloadavg()[0]:.2f})")
+        for key, fn in steps:
+            # A B C …; rotate the order each round so no target always goes first
+            order = targets[(rnd - 1) % len(targets) :] + targets[: (rnd - 1) % len(targets)]
+            for t in order:
+                try:
+                    rd[t][key] = measured(env.targets[t], lambda fn=fn, t=t: fn(t))
+                except Exception as e:  # keep going, record it
+                    rd[t][key] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                r = rd[t][key]
+                r["loadavg1"] = os.getloadavg()[0]  # a busy machine (other jobs) shows here
+                brief = ", ".join(
+                    f"{k}={r[k]:.2f}" for k in BRIEF_KEYS if isinstance(r.get(k), float)
+                )
+                log(f"  {key:<22} {t:<14} {brief if 'error' not in r else r}")
+            time.sleep(0.5)
+        with open(out_json, "w") as f:  # partial results survive an interrupt
+            json.dump(raw, f, indent=1, default=str)
+
+
+def pgbench_steps(env: Env, a: argparse.Namespace, modes: tuple[str, ...]) -> list[Any]:
+    steps: list[tuple[str, Any]] = []
+    for mode in modes:
+        for c in [int(c) for c in a.clients.split(",")]:
+
+            def f(t: str, mode: str = mode, c: int = c) -> dict[str, Any]:
+                logdir = env.work / "lat" if c == 1 else None
+                return pgbench(env, env.targets[t], ["-M", mode, "-c", str(c)], a.duration, logdir)
+
+            steps.append((f"S_{mode}_c{c}", f))
+    return steps
+
+
+def prepare(a: argparse.Namespace) -> None:
     if not CLI.exists():
-        print(f"{CLI} missing: create the venv first (bench/run.sh does)", file=sys.stderr)
-        return 2
+        raise SystemExit(f"{CLI} missing: create the venv first (bench/run.sh does)")
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = max(65536, a.idle * 3 + 1000)
     try:
@@ -1051,106 +1296,56 @@ def main() -> int:
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     a.out.mkdir(parents=True, exist_ok=True)
-    env = Env(a)
-    started = datetime.datetime.now().isoformat(timespec="seconds")
-    raw: dict[str, Any] = {"started": started, "rounds": [], "idle": None}
 
     def on_signal(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+
+
+def main() -> int:
+    a = parse_args()
+    if a.report_only:
+        a.out.mkdir(parents=True, exist_ok=True)
+        write_report(json.loads(a.report_only.read_text()), a.out)
+        return 0
+    prepare(a)
+    env = Env(a)
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    raw: dict[str, Any] = {"started": started, "rounds": [], "idle": None}
     t_start = time.monotonic()
     try:
         log("starting PostgreSQL")
         env.start_postgres()
         env.make_keys()
-        env.prepare_data()
-        env.targets["direct"] = {
-            "dsn": env.dsn_direct(),
-            "password": env.password,
-            "pids": lambda: [],
-            "kind": "direct",
-        }
-        if not a.no_pgbouncer:
-            env.start_pgbouncer("pgbouncer", "disable")
-        env.start_proxy("proxy", "disable")
-        for name, extra in a.variants:
-            env.start_proxy(f"proxy-{name}", "disable", extra)
-        if not a.no_upstream_tls:
-            if not a.no_pgbouncer:
-                env.start_pgbouncer("pgbouncer-tls", "require")
-            env.start_proxy("proxy-tls", "require")
-        targets = list(env.targets)
+        workloads = a.workloads.split(",")
+        env.prepare_data(copy="copy" in workloads)
+        targets = start_targets(env, a, full=True)
         raw["targets"] = targets
         raw["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
         raw["config"]["copy_bytes"] = env.copy_bytes
-        raw["machine"] = {
-            "cpus": os.cpu_count(),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-            "postgres": run([str(env.pgbin / "postgres"), "--version"], timeout=10).stdout.strip(),
-            "pgbouncer": (run(["pgbouncer", "--version"], timeout=10).stdout.splitlines() or [""])[
-                0
-            ]
-            if not a.no_pgbouncer
-            else None,
-        }
+        raw["machine"] = machine_info(env, a)
         raw["dsn"] = {t: env.targets[t]["dsn"] for t in targets}
-        # sanity: one query through every target
-        for t in targets:
-            r = connect_latency(env, env.targets[t], 1)
-            log(f"target {t}: ok ({r['p50_ms']:.1f} ms) {env.targets[t]['dsn']}")
-        workloads = a.workloads.split(",")
-        clients = [int(c) for c in a.clients.split(",")]
-        for rnd in range(1, a.rounds + 1):
-            rd: dict[str, dict[str, Any]] = {t: {} for t in targets}
-            raw["rounds"].append(rd)
-            log(f"round {rnd}/{a.rounds}")
-            steps: list[tuple[str, Any]] = []
-            if "pgbench" in workloads:
-                for mode in ("simple", "prepared"):
-                    for c in clients:
-
-                        def f(t: str, mode: str = mode, c: int = c) -> dict[str, Any]:
-                            logdir = env.work / "lat" if c == 1 else None
-                            return pgbench(
-                                env, env.targets[t], ["-M", mode, "-c", str(c)], a.duration, logdir
-                            )
-
-                        steps.append((f"S_{mode}_c{c}", f))
-            if "connrate" in workloads:
-                cc = a.connect_clients
-                steps.append(
-                    (
-                        f"connect_rate_c{cc}",
-                        lambda t, cc=cc: pgbench(
-                            env, env.targets[t], ["-C", "-M", "simple", "-c", str(cc)], a.duration
-                        ),
-                    )
+        steps: list[tuple[str, Any]] = []
+        if "pgbench" in workloads:
+            steps += pgbench_steps(env, a, ("simple", "prepared"))
+        if "connrate" in workloads:
+            cc = a.connect_clients
+            steps.append(
+                (
+                    f"connect_rate_c{cc}",
+                    lambda t, cc=cc: pgbench(
+                        env, env.targets[t], ["-C", "-M", "simple", "-c", str(cc)], a.duration
+                    ),
                 )
-            if "copy" in workloads:
-                steps.append(("copy_out", lambda t: copy_out(env, env.targets[t])))
-                steps.append(("copy_in", lambda t: copy_in(env, env.targets[t])))
-            if "connect" in workloads:
-                steps.append(
-                    ("connect", lambda t: connect_latency(env, env.targets[t], a.connects))
-                )
-            for key, fn in steps:
-                # A B C …; rotate the order each round so no target always goes first
-                order = targets[(rnd - 1) % len(targets) :] + targets[: (rnd - 1) % len(targets)]
-                for t in order:
-                    try:
-                        rd[t][key] = fn(t)
-                    except Exception as e:  # keep going, record it
-                        rd[t][key] = {"error": f"{type(e).__name__}: {e}"[:500]}
-                    r = rd[t][key]
-                    r["loadavg1"] = os.getloadavg()[0]  # a busy machine (other jobs) shows here
-                    brief = ", ".join(f"{k}={v:.2f}" for k, v in r.items() if isinstance(v, float))
-                    log(f"  {key:<22} {t:<14} {brief or r}")
-                time.sleep(0.5)
-            with open(a.out / "results.json", "w") as f:  # partial results survive an interrupt
-                json.dump(raw, f, indent=1, default=str)
-        with contextlib.suppress(OSError):
+            )
+        if "copy" in workloads:
+            steps.append(("copy_out", lambda t: copy_out(env, env.targets[t])))
+            steps.append(("copy_in", lambda t: copy_in(env, env.targets[t])))
+        if "connect" in workloads:
+            steps.append(("connect", lambda t: connect_latency(env, env.targets[t], a.connects)))
+        interleave(env, targets, steps, a.rounds, raw, a.out / "results.json")
+        with contextlib.suppress(OSError, AttributeError):
             env.copy_file.unlink()  # give the RAM back before the idle test
         if a.idle:
             log(f"idle test: {a.idle} connections through a proxy to a second cluster")
