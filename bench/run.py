@@ -377,7 +377,8 @@ class Env:
         return f"host=127.0.0.1 port={self.port} user=scram_user dbname=proxytest sslmode=require"
 
     # PgBouncer -----------------------------------------------------------------------------------
-    def start_pgbouncer(self, name: str, server_sslmode: str) -> None:
+    def start_pgbouncer(self, name: str, server_sslmode: str, unix: bool = False) -> None:
+        """PgBouncer in session mode; unix: upstream over PostgreSQL's Unix socket."""
         exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
         if not Path(exe).exists():
             raise RuntimeError("pgbouncer is not installed (bench/run.sh installs it)")
@@ -386,9 +387,10 @@ class Env:
         secret = self.su_psql("select rolpassword from pg_authid where rolname = 'scram_user'")
         (d / "userlist.txt").write_text(f'"scram_user" "{secret}"\n')
         port = free_port()
+        upstream_host = self.pg["PGSOCKET"] if unix else "127.0.0.1"
         (d / "pgbouncer.ini").write_text(
             f"""[databases]
-proxytest = host=127.0.0.1 port={self.port} dbname=proxytest
+proxytest = host={upstream_host} port={self.port} dbname=proxytest
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -437,11 +439,17 @@ stats_period = 3600
             "pids": lambda pid=pid: proc_tree(pid),
             "kind": "pgbouncer",
             "server_tls": server_sslmode,
+            "upstream": upstream_host,
         }
 
     # the proxy --------------------------------------------------------------------------------
     def proxy_env(
-        self, port: int, upstream_port: int, sslmode: str, extra: dict[str, str]
+        self,
+        port: int,
+        upstream_port: int,
+        sslmode: str,
+        extra: dict[str, str],
+        upstream_host: str = "127.0.0.1",
     ) -> dict[str, str]:
         env = {
             k: v
@@ -450,7 +458,7 @@ stats_period = 3600
         }
         env.update(
             PUBLIC_KEYS__0=(self.work / "p.pem").read_text(),
-            UPSTREAM__HOST="127.0.0.1",
+            UPSTREAM__HOST=upstream_host,
             UPSTREAM__PORT=str(upstream_port),
             UPSTREAM__PASSWORD=self.password,
             UPSTREAM__SSLMODE=sslmode,
@@ -471,9 +479,13 @@ stats_period = 3600
         extra: dict[str, str] | None = None,
         upstream_port: int | None = None,
         register: bool = True,
+        unix: bool = False,
     ) -> tuple[int, int]:
+        """The proxy; unix: upstream over PostgreSQL's Unix socket (a host starting with "/"
+        is a socket directory, as in libpq)."""
         port = free_port()
-        env = self.proxy_env(port, upstream_port or self.port, sslmode, extra or {})
+        upstream_host = self.pg["PGSOCKET"] if unix else "127.0.0.1"
+        env = self.proxy_env(port, upstream_port or self.port, sslmode, extra or {}, upstream_host)
         logf = open(self.work / f"{name}.log", "w")
         proc = subprocess.Popen([str(CLI)], env=env, stdout=logf, stderr=subprocess.STDOUT)
         self.procs.append((name, proc.pid))
@@ -492,6 +504,7 @@ stats_period = 3600
                 "pids": lambda pid=pid: proc_tree(pid),
                 "kind": "proxy",
                 "server_tls": sslmode,
+                "upstream": upstream_host,
                 "env": {k: v for k, v in {**self.args.proxy_env_dict, **(extra or {})}.items()},
             }
         return pid, port
@@ -878,7 +891,7 @@ def extract(raw: dict[str, Any], target: str, key: str, part: str = "total") -> 
 
 def pgbouncer_twin(proxy: str, targets: list[str]) -> str | None:
     """The PgBouncer target with the same upstream as a proxy target: proxy-tls ->
-    pgbouncer-tls, anything else (variants) -> pgbouncer."""
+    pgbouncer-tls, proxy-unix -> pgbouncer-unix, anything else (variants) -> pgbouncer."""
     suffix = proxy[len("proxy") :]
     for pb in (f"pgbouncer{suffix}", "pgbouncer"):
         if pb in targets:
@@ -1049,6 +1062,11 @@ def parse_args() -> argparse.Namespace:
         help="smoke test: 1 round, 2 s runs, 50 MB COPY, 20 connects, 200 idle",
     )
     p.add_argument(
+        "--unix",
+        action="store_true",
+        help="also targets proxy-unix and pgbouncer-unix: upstream over PostgreSQL's Unix socket",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         help="output directory (default bench/results/)",
@@ -1149,7 +1167,8 @@ def write_report(raw: dict[str, Any], out: Path) -> None:
         f"Medians of {len(raw['rounds'])} interleaved round(s); pgbench -j 2 -T {c['duration']}; "
         f"COPY {c['copy_bytes'] / 1e6:.0f} MB; {c['connects']} connects. "
         "Client TLS on for every target (sslmode=require). "
-        "`-tls` targets use TLS upstream, the others plaintext upstream on localhost."
+        "`-tls` targets use TLS upstream, `-unix` targets PostgreSQL's Unix socket "
+        "(trust: no SCRAM upstream), the others plaintext upstream on localhost."
         f"{env_note}{var_note}\n"
         f"Machine: {raw['machine']['cpus']} CPUs, {raw['machine']['postgres']}, "
         f"{raw['machine'].get('pgbouncer')}. "
@@ -1204,6 +1223,10 @@ def start_targets(env: Env, a: argparse.Namespace, full: bool) -> list[str]:
     env.start_proxy("proxy", "disable")
     for name, extra in a.variants:
         env.start_proxy(f"proxy-{name}", "disable", extra)
+    if a.unix:
+        if not a.no_pgbouncer:
+            env.start_pgbouncer("pgbouncer-unix", "disable", unix=True)
+        env.start_proxy("proxy-unix", "disable", unix=True)
     if full and not a.no_upstream_tls:
         if not a.no_pgbouncer:
             env.start_pgbouncer("pgbouncer-tls", "require")
