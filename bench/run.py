@@ -1055,11 +1055,26 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
+    p.add_argument(
+        "--rounds", type=int, help="interleaved rounds (default 3; --check 5; --quick 1)"
+    )
     p.add_argument(
         "--quick",
         action="store_true",
         help="smoke test: 1 round, 2 s runs, 50 MB COPY, 20 connects, 200 idle",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="short CPU check (~2 min): proxy vs PgBouncer, pgbench -S simple and prepared, "
+        "16 clients; exit 1 if the proxy's CPU µs/txn exceeds --max-cpu-ratio × PgBouncer's",
+    )
+    p.add_argument(
+        "--max-cpu-ratio",
+        type=float,
+        default=1.8,
+        help="--check fails when the median over rounds (and both query modes) of proxy "
+        "CPU/txn ÷ PgBouncer CPU/txn exceeds this (default 1.8)",
     )
     p.add_argument(
         "--unix",
@@ -1069,10 +1084,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--out",
         type=Path,
-        help="output directory (default bench/results/)",
+        help="output directory (default bench/results/, --check bench/results/check/)",
     )
-    p.add_argument("--duration", type=int, help="pgbench -T seconds (default 10)")
-    p.add_argument("--clients", help="pgbench -S client counts (default 1,16,64)")
+    p.add_argument("--duration", type=int, help="pgbench -T seconds (default 10; --check 5)")
+    p.add_argument("--clients", help="pgbench -S client counts (default 1,16,64; --check 16)")
     p.add_argument(
         "--connect-clients", type=int, default=16, help="clients for pgbench -S -C (default 16)"
     )
@@ -1133,16 +1148,24 @@ def parse_args() -> argparse.Namespace:
         help="comma list of pgbench,connrate,copy,connect (default all)",
     )
     a = p.parse_args()
-    if a.quick:
-        a.rounds = a.rounds or 1
-        a.duration = a.duration or 2
-        a.copy_mb, a.connects = 50, 20
-        if a.idle == 10000:
-            a.idle = 200
-    a.rounds = a.rounds or 3
-    a.duration = a.duration or 10
-    a.clients = a.clients or "1,16,64"
-    a.out = a.out or REPO / "bench" / "results"
+    results = REPO / "bench" / "results"
+    if a.check:
+        a.rounds = a.rounds or 5
+        a.duration = a.duration or 5
+        a.clients = a.clients or "16"
+        a.out = a.out or results / "check"
+        a.idle = 0
+    else:
+        if a.quick:
+            a.rounds = a.rounds or 1
+            a.duration = a.duration or 2
+            a.copy_mb, a.connects = 50, 20
+            if a.idle == 10000:
+                a.idle = 200
+        a.rounds = a.rounds or 3
+        a.duration = a.duration or 10
+        a.clients = a.clients or "1,16,64"
+        a.out = a.out or results
     if a.no_idle:
         a.idle = 0
     a.workloads = a.workloads if a.workloads else "none"
@@ -1333,6 +1356,8 @@ def main() -> int:
         write_report(json.loads(a.report_only.read_text()), a.out)
         return 0
     prepare(a)
+    if a.check:
+        return check_main(a)
     env = Env(a)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     raw: dict[str, Any] = {"started": started, "rounds": [], "idle": None}
@@ -1386,6 +1411,186 @@ def main() -> int:
         return 1
     write_report(raw, a.out)
     return 0
+
+
+# --- the CPU check (--check) ----------------------------------------------------------------------
+
+
+def check_main(a: argparse.Namespace) -> int:
+    """Proxy vs PgBouncer, CPU µs per transaction; exit 1 when the proxy's exceeds
+    --max-cpu-ratio × PgBouncer's, 2 when figures are missing (see check_report)."""
+    if a.no_pgbouncer:
+        print("--check compares with PgBouncer: drop --no-pgbouncer", file=sys.stderr)
+        return 2
+    env = Env(a)
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    raw: dict[str, Any] = {"started": started, "rounds": [], "mode": "check"}
+    t_start = time.monotonic()
+    raw["loadavg_start"] = os.getloadavg()[0]
+    try:
+        log("starting PostgreSQL")
+        env.start_postgres()
+        env.make_keys()
+        env.prepare_data(copy=False)
+        targets = start_targets(env, a, full=False)
+        raw["targets"] = targets
+        raw["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+        raw["machine"] = machine_info(env, a)
+        steps = pgbench_steps(env, a, ("simple", "prepared"))
+        # Warm-up, not recorded: first connections, code paths, PgBouncer's server pool.
+        for t in targets:
+            pgbench(env, env.targets[t], ["-M", "simple", "-c", a.clients.split(",")[0]], 2)
+        interleave(env, targets, steps, a.rounds, raw, a.out / "check.json")
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 2
+    finally:
+        env.stop_all()
+    raw["elapsed_seconds"] = time.monotonic() - t_start
+    raw["loadavg_end"] = os.getloadavg()[0]
+    text, verdict, code = check_report(raw, a.max_cpu_ratio)
+    raw["verdict"] = verdict
+    with open(a.out / "check.json", "w") as f:
+        json.dump(raw, f, indent=1, default=str)
+    (a.out / "check.md").write_text(text)
+    print()
+    print(text)
+    print(f"raw figures: {a.out / 'check.json'}")
+    return code
+
+
+def check_report(raw: dict[str, Any], max_ratio: float) -> tuple[str, dict[str, Any], int]:
+    """The check's table and verdict; exit code 0 pass, 1 fail, 2 figures missing.
+
+    Per round, proxy CPU/txn ÷ PgBouncer CPU/txn (the two runs are adjacent in time, so
+    drift from other jobs mostly cancels). The verdict takes, for each proxy target, the
+    median of these ratios over all rounds *and* both query modes: the two modes exercise
+    the same data path, and 10 ratios give a steadier median than 5 (measured at load 6-13
+    on 2 shared cores: per-mode medians of the same code spread 1.33-1.68, pooled 1.34-1.44).
+    """
+    targets, c = raw["targets"], raw["config"]
+    keys = list(raw["rounds"][0][targets[0]]) if raw["rounds"] else []
+
+    def series(t: str, key: str, field: str) -> list[float]:
+        out = []
+        for rd in raw["rounds"]:
+            v = rd.get(t, {}).get(key, {}).get(field)
+            if isinstance(v, (int, float)):
+                out.append(float(v))
+        return out
+
+    def med(t: str, key: str, field: str) -> float | None:
+        v = series(t, key, field)
+        return statistics.median(v) if v else None
+
+    def round_ratios(t: str, pb: str, key: str) -> list[float]:
+        out = []
+        for rd in raw["rounds"]:
+            x = rd.get(t, {}).get(key, {}).get("cpu_us_per_tx_total")
+            y = rd.get(pb, {}).get(key, {}).get("cpu_us_per_tx_total")
+            if x and y:
+                out.append(x / y)
+        return out
+
+    cpus = raw["machine"]["cpus"] or 1
+    loads = [
+        r["loadavg1"]
+        for rd in raw["rounds"]
+        for per_t in rd.values()
+        for r in per_t.values()
+        if "loadavg1" in r
+    ]
+    lines = [
+        f"# CPU check ({raw['started']})",
+        "",
+        f"pgbench -n -S -j 2 -c {c['clients']} -T {c['duration']}, "
+        f"{len(raw['rounds'])} interleaved rounds, client TLS (ECDSA P-256), "
+        "upstream plaintext on 127.0.0.1"
+        + (", `-unix` targets: PostgreSQL's Unix socket" if c.get("unix") else "")
+        + f". Load average (1 min): {raw['loadavg_start']:.1f} at start, "
+        f"{loadavg_note(raw)} during the runs, {raw['loadavg_end']:.1f} at the end; "
+        f"{cpus} CPUs. CPU = user+sys of the middleman's process tree (/proc/PID/stat) "
+        "÷ transactions of the same run; medians over rounds. "
+        "Per round: proxy CPU/txn ÷ PgBouncer CPU/txn of that round.",
+        "",
+        "| workload | target | tps | CPU µs/txn user | sys | total | total min–max "
+        "| ÷ pgbouncer per round | median |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    per_mode: dict[str, dict[str, float | None]] = {}
+    for key in keys:
+        per_mode[key] = {}
+        for t in targets:
+            tot = series(t, key, "cpu_us_per_tx_total")
+            cells = [key.replace("S_", "-S -M ").replace("_c", ", c="), t]
+            tps = med(t, key, "tps")
+            cells.append("—" if tps is None else f"{tps:,.0f}")
+            for field in ("user", "sys", "total"):
+                v = med(t, key, f"cpu_us_per_tx_{field}")
+                cells.append("—" if v is None else f"{v:.1f}")
+            cells.append(f"{min(tot):.0f}–{max(tot):.0f}" if tot else "—")
+            pb = pgbouncer_twin(t, targets) if t.startswith("proxy") else None
+            if pb:
+                rr = round_ratios(t, pb, key)
+                per_mode[key][t] = statistics.median(rr) if rr else None
+                cells.append(" ".join(f"{x:.2f}" for x in rr) or "—")
+                cells.append(f"{per_mode[key][t]:.2f}" if rr else "—")
+            else:
+                cells += ["", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    verdicts: dict[str, dict[str, Any]] = {}
+    fail = missing = False
+    for t in targets:
+        pb = pgbouncer_twin(t, targets) if t.startswith("proxy") else None
+        if not pb:
+            continue
+        pooled = [x for key in keys for x in round_ratios(t, pb, key)]
+        expected = len(keys) * len(raw["rounds"])
+        if not pooled or len(pooled) < expected / 2:
+            missing = True
+            lines.append(
+                f"- **{t} vs {pb}: too few figures** ({len(pooled)} of {expected} rounds "
+                "have CPU figures for both; errors in check.json)"
+            )
+            verdicts[t] = {"pgbouncer": pb, "ratio": None, "n": len(pooled)}
+            continue
+        ratio = statistics.median(pooled)
+        ok = ratio <= max_ratio
+        fail |= not ok
+        note = ""
+        if abs(ratio / max_ratio - 1) < 0.1:
+            note = " — within 10% of the margin: noise at this load can decide it, run it again"
+        lines.append(
+            f"- {t} vs {pb}: median of {len(pooled)} per-round ratios (both modes) "
+            f"**{ratio:.2f}×** {'≤' if ok else '>'} {max_ratio:.2f} → "
+            f"{'pass' if ok else '**FAIL**'}{note}"
+        )
+        verdicts[t] = {"pgbouncer": pb, "ratio": ratio, "n": len(pooled), "ok": ok}
+    if not keys:
+        missing = True
+        lines.append("- no rounds ran")
+    if loads and statistics.median(loads) > 3 * cpus:
+        lines.append(
+            f"- load average median {statistics.median(loads):.1f} on {cpus} CPUs: other jobs "
+            "are competing; under such load the proxy/PgBouncer ratios move towards each "
+            "other (see bench/README.md), prefer a quieter moment for a close call"
+        )
+    code = 2 if missing else (1 if fail else 0)
+    verdict_line = {
+        0: f"PASS: proxy CPU per transaction ≤ {max_ratio:.2f}× PgBouncer's",
+        1: f"FAIL: proxy CPU per transaction above {max_ratio:.2f}× PgBouncer's",
+        2: "INCOMPLETE: figures missing (see check.json)",
+    }[code]
+    lines += ["", verdict_line, f"Elapsed {raw['elapsed_seconds']:.0f} s.", ""]
+    verdict = {
+        "exit_code": code,
+        "max_ratio": max_ratio,
+        "targets": verdicts,
+        "per_mode_median_ratio": per_mode,
+        "text": verdict_line,
+    }
+    return "\n".join(lines), verdict, code
 
 
 if __name__ == "__main__":
