@@ -1077,6 +1077,18 @@ def parse_args() -> argparse.Namespace:
         "CPU/txn ÷ PgBouncer CPU/txn exceeds this (default 1.8)",
     )
     p.add_argument(
+        "--strace",
+        action="store_true",
+        help="syscalls per transaction: strace -c -f on the middleman during pgbench -S",
+    )
+    p.add_argument(
+        "--strace-seconds", type=float, default=5, help="--strace: seconds attached (default 5)"
+    )
+    p.add_argument(
+        "--strace-clients", type=int, default=4, help="--strace: pgbench clients (default 4)"
+    )
+    p.add_argument("--strace-mode", default="simple", help="--strace: pgbench -M (default simple)")
+    p.add_argument(
         "--unix",
         action="store_true",
         help="also targets proxy-unix and pgbouncer-unix: upstream over PostgreSQL's Unix socket",
@@ -1084,7 +1096,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--out",
         type=Path,
-        help="output directory (default bench/results/, --check bench/results/check/)",
+        help="output directory (default bench/results/, --check bench/results/check/, "
+        "--strace bench/results/strace/)",
     )
     p.add_argument("--duration", type=int, help="pgbench -T seconds (default 10; --check 5)")
     p.add_argument("--clients", help="pgbench -S client counts (default 1,16,64; --check 16)")
@@ -1148,6 +1161,8 @@ def parse_args() -> argparse.Namespace:
         help="comma list of pgbench,connrate,copy,connect (default all)",
     )
     a = p.parse_args()
+    if a.check and a.strace:
+        p.error("--check and --strace are separate modes")
     results = REPO / "bench" / "results"
     if a.check:
         a.rounds = a.rounds or 5
@@ -1155,6 +1170,9 @@ def parse_args() -> argparse.Namespace:
         a.clients = a.clients or "16"
         a.out = a.out or results / "check"
         a.idle = 0
+    elif a.strace:
+        a.rounds, a.idle = 1, 0
+        a.out = a.out or results / "strace"
     else:
         if a.quick:
             a.rounds = a.rounds or 1
@@ -1358,6 +1376,8 @@ def main() -> int:
     prepare(a)
     if a.check:
         return check_main(a)
+    if a.strace:
+        return strace_main(a)
     env = Env(a)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     raw: dict[str, Any] = {"started": started, "rounds": [], "idle": None}
@@ -1591,6 +1611,166 @@ def check_report(raw: dict[str, Any], max_ratio: float) -> tuple[str, dict[str, 
         "text": verdict_line,
     }
     return "\n".join(lines), verdict, code
+
+
+# --- syscalls per transaction (--strace) ----------------------------------------------------------
+
+
+def strace_run(env: Env, name: str, seconds: float, clients: int, mode: str) -> dict[str, Any]:
+    """Attach `strace -c -f` to the middleman's process tree for `seconds` during a pgbench
+    -S run; transactions are counted from pgbench's per-transaction log (completion times)
+    inside the attach window, so connection set-up is not in the figure."""
+    target = env.targets[name]
+    logdir = env.work / f"strace-{name}"
+    logdir.mkdir()
+    stfile = logdir / "strace.txt"
+    pgb = subprocess.Popen(
+        [
+            str(env.pgbin / "pgbench"),
+            "-n",
+            "-S",
+            "-j",
+            "2",
+            "-M",
+            mode,
+            "-c",
+            str(clients),
+            "-T",
+            str(int(seconds + 5)),
+            "--log",
+            f"--log-prefix={logdir}/tx",
+            target["dsn"],
+        ],
+        env=dict(os.environ, PGPASSWORD=target["password"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(2)  # connections up, steady state
+        pids = target["pids"]()
+        cmd = ["strace", "-c", "-f", "-o", str(stfile)]
+        for pid in pids:
+            cmd += ["-p", str(pid)]
+        st = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        assert st.stderr is not None
+        first = st.stderr.readline()  # "strace: Process N attached"
+        if "attached" not in first:
+            st.kill()
+            raise RuntimeError(f"strace did not attach: {first}{st.stderr.read()[-500:]}")
+        t0 = time.time()
+        time.sleep(seconds)
+        t1 = time.time()
+        st.send_signal(signal.SIGINT)
+        st.communicate(timeout=60)
+        _out, err = pgb.communicate(timeout=seconds + 120)
+    finally:
+        if pgb.poll() is None:
+            pgb.kill()
+            pgb.wait()
+    if pgb.returncode:
+        raise RuntimeError(f"pgbench failed: {err[-500:]}")
+    tx = 0
+    for f in glob.glob(f"{logdir}/tx*"):
+        for line in open(f):
+            parts = line.split()
+            if len(parts) >= 6 and t0 <= int(parts[4]) + int(parts[5]) / 1e6 < t1:
+                tx += 1
+    calls: dict[str, tuple[int, int]] = {}
+    for line in stfile.read_text().splitlines():
+        parts = line.split()
+        # % time  seconds  usecs/call  calls  [errors]  syscall
+        if len(parts) in (5, 6) and parts[3].isdigit() and parts[-1] != "total":
+            calls[parts[-1]] = (int(parts[3]), int(parts[4]) if len(parts) == 6 else 0)
+    return {
+        "pids": pids,
+        "window_s": t1 - t0,
+        "transactions": tx,
+        "tps_under_strace": tx / (t1 - t0),
+        "calls": calls,
+        "strace_c": stfile.read_text(),
+    }
+
+
+def strace_main(a: argparse.Namespace) -> int:
+    if not shutil.which("strace"):
+        print("strace is not installed (apt-get install strace)", file=sys.stderr)
+        return 2
+    env = Env(a)
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    res: dict[str, Any] = {"started": started, "targets": {}}
+    try:
+        log("starting PostgreSQL")
+        env.start_postgres()
+        env.make_keys()
+        env.prepare_data(copy=False)
+        targets = start_targets(env, a, full=False)
+        for t in targets:
+            pgbench(env, env.targets[t], ["-M", a.strace_mode, "-c", str(a.strace_clients)], 2)
+        for t in targets:
+            log(f"strace -c -f on {t} for {a.strace_seconds:g} s")
+            res["targets"][t] = strace_run(
+                env, t, a.strace_seconds, a.strace_clients, a.strace_mode
+            )
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 2
+    finally:
+        env.stop_all()
+    res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+    text = strace_report(res, a)
+    with open(a.out / "strace.json", "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    (a.out / "strace.md").write_text(text)
+    print()
+    print(text)
+    print(f"raw strace -c output: {a.out / 'strace.json'}")
+    return 0
+
+
+def strace_report(res: dict[str, Any], a: argparse.Namespace) -> str:
+    ts = list(res["targets"])
+    per = {t: res["targets"][t] for t in ts}
+    names = sorted(
+        {s for t in ts for s in per[t]["calls"]},
+        key=lambda s: (
+            -max(per[t]["calls"].get(s, (0, 0))[0] / max(1, per[t]["transactions"]) for t in ts)
+        ),
+    )
+    lines = [
+        f"# Syscalls per transaction ({res['started']})",
+        "",
+        f"`strace -c -f -p <pid>…` attached for {a.strace_seconds:g} s to each middleman's "
+        f"process tree during `pgbench -n -S -M {a.strace_mode} -j 2 -c {a.strace_clients}`, "
+        "client TLS, plaintext upstream; transactions counted from pgbench's log inside the "
+        "attach window (strace slows the traced process: the tps here are not the real ones). "
+        "A -S transaction is one forwarded message each way: ideally 2 reads and 2 writes "
+        "(plus the event loop's wait). Cells: calls per transaction (errors per transaction, "
+        "e.g. EAGAIN, in parentheses).",
+        "",
+        "| syscall | " + " | ".join(ts) + " |",
+        "|---|" + "---|" * len(ts),
+    ]
+    for s in names:
+        cells = []
+        for t in ts:
+            n, e = per[t]["calls"].get(s, (0, 0))
+            tx = max(1, per[t]["transactions"])
+            cells.append(f"{n / tx:.2f}" + (f" ({e / tx:.2f})" if e else ""))
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    tot = [
+        f"**{sum(n for n, _ in per[t]['calls'].values()) / max(1, per[t]['transactions']):.2f}**"
+        for t in ts
+    ]
+    lines.append("| **total** | " + " | ".join(tot) + " |")
+    lines.append(
+        "| transactions in window | "
+        + " | ".join(
+            f"{per[t]['transactions']:,} ({per[t]['tps_under_strace']:,.0f} tps)" for t in ts
+        )
+        + " |"
+    )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
