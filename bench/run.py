@@ -1485,8 +1485,8 @@ def check_report(raw: dict[str, Any], max_ratio: float) -> tuple[str, dict[str, 
     Per round, proxy CPU/txn ÷ PgBouncer CPU/txn (the two runs are adjacent in time, so
     drift from other jobs mostly cancels). The verdict takes, for each proxy target, the
     median of these ratios over all rounds *and* both query modes: the two modes exercise
-    the same data path, and 10 ratios give a steadier median than 5 (measured at load 6-13
-    on 2 shared cores: per-mode medians of the same code spread 1.33-1.68, pooled 1.34-1.44).
+    the same data path, and 10 ratios give a steadier median than 5 (measured at load 6-15
+    on 2 shared cores: per-mode medians of the same code spread 1.18-1.68, pooled 1.30-1.44).
     """
     targets, c = raw["targets"], raw["config"]
     keys = list(raw["rounds"][0][targets[0]]) if raw["rounds"] else []
