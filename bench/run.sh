@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for the benchmark (issue 7): creates what it needs, then runs bench/run.py.
 #   bench/run.sh [--rounds 3] [--quick] [--out bench/results/] [--proxy-env WORKERS=2] ...
-# (bench/run.py --help lists every option.)
+#   bench/run.sh --check [--unix] [--max-cpu-ratio 1.8]   # ~2 min CPU check; exit 1 = regression
+#   bench/run.sh --strace [--unix]                         # syscalls per transaction
+# (bench/run.py --help lists every option; bench/README.md explains them.)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
