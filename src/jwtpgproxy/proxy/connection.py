@@ -4,6 +4,11 @@ Until login completes, bytes are needed one step at a time by the sans-IO state 
 this protocol buffers what arrives and lets the session ``await read()``. It supports the TLS
 upgrade in place (``loop.start_tls``) and, once login is done, :meth:`detach` hands the
 transport over to the splice protocol with whatever was buffered but not yet consumed.
+
+Reads go through :data:`read_buffer`, one buffer for the whole process: the event loop runs
+one callback at a time, and every reader copies what it got out of it before returning. With
+a buffered protocol uvloop's TLS transport decrypts into that buffer (``SSLObject.read(n,
+buffer)``); with a plain one it would allocate a 256 KiB bytes object for every read.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from ..errors import ClientDisconnected, ProtocolViolation, ProxyError
 
 #: Stop reading from the peer when this much is buffered and unread (handshake only).
 _READ_HIGH_WATER = 65536
+#: Size of :data:`read_buffer`: as large as uvloop's own read buffer for plain sockets.
+READ_BUFFER_SIZE = 256 * 1024
+#: The process's one read buffer for buffered protocols (see the module docstring).
+read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +40,7 @@ class Keepalive:
     count: int = 6
 
 
-class HandshakeProtocol(asyncio.Protocol):
+class HandshakeProtocol(asyncio.BufferedProtocol):
     def __init__(
         self,
         keepalive: Keepalive | None = None,
@@ -59,9 +68,12 @@ class HandshakeProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         configure_socket(self.transport, self._keepalive)
 
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        self.bytes_received += len(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._buffer += read_buffer[:nbytes]
+        self.bytes_received += nbytes
         if len(self._buffer) > _READ_HIGH_WATER and self.transport is not None:
             self.transport.pause_reading()
             self._read_paused = True

@@ -1,16 +1,35 @@
 """After login: copy bytes both ways with no per-message work, respecting backpressure.
 
-Two :class:`Half` protocols, one per transport. Each forwards every read, whole, to the other
-transport. When a transport's write buffer passes its high-water mark, asyncio calls
-``pause_writing()`` on *its* protocol, which pauses reading on the *other* transport, so a slow
-reader on one side throttles the fast writer on the other instead of growing memory
-(uvicorn's FlowControl does the same). Either side closing closes the other.
+Two halves, one per transport. Each forwards every read, whole, to the other transport. When
+a transport's write buffer passes its high-water mark, asyncio calls ``pause_writing()`` on
+*its* protocol, which pauses reading on the *other* transport, so a slow reader on one side
+throttles the fast writer on the other instead of growing memory (uvicorn's FlowControl does
+the same). Either side closing closes the other.
+
+Two details of the TLS side, both measured (issue 10, issue 11):
+
+* A half reading from a TLS transport is an :class:`asyncio.BufferedProtocol`: uvloop then
+  decrypts straight into one read buffer shared by the whole process (``SSLObject.read(n,
+  buffer)``) instead of allocating a 256 KiB bytes object per read and shrinking it
+  (``_do_read__copied``), which cost an mmap/mremap/munmap per read under glibc's
+  mmap threshold (:data:`jwtpgproxy.proxy.connection.read_buffer` says why sharing is
+  safe).
+* Writes to a TLS transport go out in pieces of at most :data:`MAX_TLS_RECORD` bytes, as
+  PostgreSQL's own server does (it flushes at most PQ_SEND_BUFFER_SIZE = 8192 bytes per
+  ``SSL_write``). libpq-based async clients (psycopg 3, ruby-pg) read into a buffer with
+  about 8 KiB free; a 16 KiB record leaves decrypted bytes inside the client's OpenSSL
+  while it waits for a socket that never becomes readable again -- a hang
+  (cockroachdb#147890, psycopg#1107). The same cap applies towards a TLS upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+from .connection import read_buffer
+
+#: The largest piece written to a TLS transport at once: one TLS record, like PostgreSQL's.
+MAX_TLS_RECORD = 8192
 #: Write-buffer watermarks for each transport during splicing.
 WRITE_HIGH_WATER = 512 * 1024
 WRITE_LOW_WATER = 128 * 1024
@@ -60,20 +79,39 @@ class MessageBoundaries:
                 self._remaining = max(length - 4, 0)
 
 
-class Half(asyncio.Protocol):
-    """Receives from ``own`` transport and writes to ``peer`` transport."""
+def is_tls(transport: asyncio.BaseTransport) -> bool:
+    return transport.get_extra_info("ssl_object") is not None
 
-    __slots__ = ("_splice", "bytes", "own", "peer")
+
+class Half(asyncio.BaseProtocol):
+    """Receives from ``own`` transport and writes to ``peer`` transport.
+
+    A streaming protocol by duck typing (``data_received``, as :class:`asyncio.Protocol`),
+    but not a subclass of it: the event loops take a protocol that is an instance of
+    ``asyncio.Protocol`` for a plain one even when it offers ``get_buffer()``, and
+    :class:`BufferedHalf` must be seen as buffered."""
+
+    __slots__ = ("_splice", "_write", "bytes", "own", "peer")
 
     def __init__(self, splice: Splice, own: asyncio.Transport, peer: asyncio.Transport) -> None:
         self._splice = splice
         self.own = own
         self.peer = peer
         self.bytes = 0
+        self._write = self._write_in_records if is_tls(peer) else peer.write
 
     def data_received(self, data: bytes) -> None:
         self.bytes += len(data)
-        self.peer.write(data)
+        self._write(data)
+
+    def _write_in_records(self, data: bytes) -> None:
+        if len(data) <= MAX_TLS_RECORD:
+            self.peer.write(data)
+            return
+        view = memoryview(data)  # slices of immutable bytes: no copies, safe to keep
+        self.peer.writelines(
+            [view[i : i + MAX_TLS_RECORD] for i in range(0, len(data), MAX_TLS_RECORD)]
+        )
 
     def eof_received(self) -> bool | None:
         # PostgreSQL has no half-closed state: end of stream from one side ends the session.
@@ -89,6 +127,21 @@ class Half(asyncio.Protocol):
     def resume_writing(self) -> None:
         if not self.peer.is_closing():
             self.peer.resume_reading()
+
+
+class _BufferedReads:
+    """Mixin: read through the shared buffer (asyncio.BufferedProtocol's interface), then
+    forward as :meth:`Half.data_received` does. Copying ``nbytes`` out is what frees the
+    shared buffer for the next read -- and costs far less than the 256 KiB allocation it
+    replaces."""
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(read_buffer[:nbytes].tobytes())  # type: ignore[attr-defined]
 
 
 class EndableHalf(Half):
@@ -132,6 +185,23 @@ class EndableHalf(Half):
         self._splice.close()
 
 
+class BufferedHalf(_BufferedReads, Half, asyncio.BufferedProtocol):
+    __slots__ = ()
+
+
+class BufferedEndableHalf(_BufferedReads, EndableHalf, asyncio.BufferedProtocol):
+    __slots__ = ()
+
+
+def _half_type(own: asyncio.Transport, *, endable: bool = False) -> type[Half]:
+    """The half reading from ``own``: buffered reads from TLS, plain ones otherwise (for a
+    plain socket uvloop already reads into a buffer of its own and makes one bytes object;
+    buffered reads would only add a Python call)."""
+    if is_tls(own):
+        return BufferedEndableHalf if endable else BufferedHalf
+    return EndableHalf if endable else Half
+
+
 class Splice:
     """Splices a client transport and an upstream transport until either closes."""
 
@@ -144,9 +214,8 @@ class Splice:
         self._one_lost: asyncio.Future[None] = loop.create_future()
         self._both_lost: asyncio.Future[None] = loop.create_future()
         self._lost = 0
-        self.client_half = Half(self, client, upstream)  # client -> upstream
-        half_type = EndableHalf if endable else Half
-        self.upstream_half = half_type(self, upstream, client)  # upstream -> client
+        self.client_half = _half_type(client)(self, client, upstream)  # client -> upstream
+        self.upstream_half = _half_type(upstream, endable=endable)(self, upstream, client)
         for transport in (client, upstream):
             transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
 
@@ -155,13 +224,11 @@ class Splice:
         client, upstream = self.client_half.own, self.upstream_half.own
         client.set_protocol(self.client_half)
         upstream.set_protocol(self.upstream_half)
+        # As if each side had just sent them: counted, cut into records, boundaries kept.
         if to_client:
-            if isinstance(self.upstream_half, EndableHalf):
-                self.upstream_half.boundaries.advance(to_client)
-            client.write(to_client)
+            self.upstream_half.data_received(to_client)
         if to_upstream:
-            self.client_half.bytes += len(to_upstream)
-            upstream.write(to_upstream)
+            self.client_half.data_received(to_upstream)
         # A close that is already under way reaches the new protocol: asyncio looks the
         # protocol up when it delivers connection_lost. The caller checks that neither
         # handshake protocol saw the connection lost before calling start().
