@@ -16,10 +16,12 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from harness import Postgres, ProxyProcess, free_port
+from harness import Postgres, ProxyProcess, RawClient, free_port
+from test_operations import http_get, metric
 
 from jwtpgproxy.protocol import wire
 
@@ -218,3 +220,36 @@ def test_records_to_a_tls_upstream_carry_at_most_8k(
     assert sum(sizes) > 1_000_000
     assert max(sizes) <= MAX_RECORD, sorted(sizes)[-5:]
 
+
+def test_a_client_that_stops_reading_is_reported_as_stalled(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+) -> None:
+    """A client that stops reading a large result: after STALL_WARNING_SECONDS the proxy
+    logs the stalled direction and the gauge shows it; once the client reads again, the
+    log says so and the gauge goes back to 0. No data is lost."""
+    metrics_port = free_port()
+    proxy = start_proxy(STALL_WARNING_SECONDS="1", METRICS__PORT=str(metrics_port))
+    client = RawClient(proxy.port)
+    assert client.login("scram_user", token_for("scram_user")).tags[-1] == b"Z"
+    query = b"COPY (SELECT repeat('x', 1000) FROM generate_series(1, 20000)) TO STDOUT\0"
+    client.send(wire.typed_message(b"Q", query))
+    deadline = time.monotonic() + 15
+    while "splice stalled" not in proxy.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "splice stalled: direction=to_client" in proxy.log()
+    _, text = http_get(metrics_port, "/metrics")
+    assert metric(text, "jwtpgproxy_splice_stalled", direction="to_client") == 1
+    assert metric(text, "jwtpgproxy_splice_stalls_total", direction="to_client") == 1
+    assert metric(text, "jwtpgproxy_splice_stalled", direction="to_upstream") == 0
+
+    total = 0
+    while (message := client.read_message())[0] != b"Z":
+        total += len(message[1]) if message[0] == b"d" else 0
+    assert total == 20000 * 1001
+    deadline = time.monotonic() + 15
+    while "splice moving again" not in proxy.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "splice moving again: direction=to_client" in proxy.log()
+    _, text = http_get(metrics_port, "/metrics")
+    assert metric(text, "jwtpgproxy_splice_stalled", direction="to_client") == 0
+    client.close()

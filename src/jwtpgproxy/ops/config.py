@@ -183,6 +183,9 @@ class Settings(BaseSettings):
     max_pending_logins: int = Field(default=256, ge=1, le=100_000)
     #: Seconds; sent upstream as PostgreSQL's idle_session_timeout (0 = off).
     idle_session_timeout: float = Field(default=0, ge=0, le=7 * 86400)
+    #: Seconds a splice direction may hold unsent bytes without progress before it is
+    #: logged and counted as stalled (0 = off).
+    stall_warning_seconds: float = Field(default=30.0, ge=0, le=86400)
     keepalive: KeepaliveSettings = KeepaliveSettings()
     metrics: MetricsSettings = MetricsSettings()
     #: Worker processes sharing the listening port (SO_REUSEPORT); 1 = a single process.
@@ -441,6 +444,7 @@ def build_runtime(
             max_pending_logins=settings.max_pending_logins,
             shutdown_timeout=settings.shutdown_timeout,
             idle_session_timeout=settings.idle_session_timeout,
+            stall_seconds=settings.stall_warning_seconds,
         ),
         keepalive=upstream.keepalive,
         end_sessions_on_expiry=token.end_sessions_on_expiry,

@@ -101,6 +101,8 @@ class ProxyServer:
                 port=address[1],
                 tls=downstream.ssl_mode.value,
             )
+        watch = asyncio.create_task(self._watch_stalls(), name="stall watch")
+        self._background.add(watch)
 
     # -- accepting --
 
@@ -158,6 +160,51 @@ class ProxyServer:
     def _resume_accepting(self, listener: socket.socket) -> None:
         if listener.fileno() >= 0 and not self._stopping.is_set():
             self._watch(listener)
+
+    async def _watch_stalls(self) -> None:
+        """Report splice directions that hold unsent bytes without progress for longer than
+        ``limits.stall_seconds`` -- a peer that stopped reading, or flow control that never
+        resumes -- so a stuck session shows up in the log and metrics instead of hanging
+        silently. Looks every few seconds; the data path does no work for it."""
+        loop = asyncio.get_running_loop()
+        reported: set[tuple[Session, str]] = set()
+        while True:
+            threshold = self.runtime.limits.stall_seconds
+            await asyncio.sleep(min(max(threshold / 2, 0.2), 10.0) if threshold else 10.0)
+            if not threshold:
+                continue
+            now = loop.time()
+            live = list(self._tasks.values())
+            stuck: set[tuple[Session, str]] = set()
+            for session in live:
+                splice = session.splice
+                if splice is None:
+                    continue
+                for direction, seconds, unsent in splice.stuck(now):
+                    if seconds < threshold:
+                        continue
+                    stuck.add((session, direction))
+                    if (session, direction) not in reported:
+                        self.metrics.splice_stalls.labels(direction).inc()
+                        event(
+                            log,
+                            WARNING,
+                            "splice stalled",
+                            direction=direction,
+                            unsent_bytes=unsent,
+                            seconds=f"{seconds:.0f}",
+                            user=session.user,
+                            client=session.peer,
+                        )
+            for session, direction in reported - stuck:
+                if session in live:  # ended sessions are not news
+                    event(
+                        log, INFO, "splice moving again", direction=direction, client=session.peer
+                    )
+            reported = stuck
+            for direction in ("to_upstream", "to_client"):
+                count = sum(1 for _, d in stuck if d == direction)
+                self.metrics.splice_stalled.labels(direction).set(count)
 
     # -- health, reload, signals --
 

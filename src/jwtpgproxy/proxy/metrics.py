@@ -88,6 +88,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.splice_stalls = Counter(
+            "jwtpgproxy_splice_stalls",
+            "Splice directions found holding unsent bytes without progress, by direction",
+            ["direction"],
+            registry=r,
+        )
+        self.splice_stalled = Gauge(
+            "jwtpgproxy_splice_stalled",
+            "Splice directions stalled now, by direction",
+            ["direction"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "jwtpgproxy_config_reloads", "Configuration reloads, by result", ["result"], registry=r
         )

@@ -41,6 +41,9 @@ class Limits:
     shutdown_timeout: float
     #: Seconds, sent upstream as PostgreSQL's idle_session_timeout (0 = off).
     idle_session_timeout: float
+    #: A splice direction holding unsent bytes without progress this long is reported as
+    #: stalled (log line and metric; 0 = off).
+    stall_seconds: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -168,6 +168,10 @@ class Session:
         return self.startup.database if self.startup is not None else None
 
     @property
+    def splice(self) -> Splice | None:
+        return self._splice
+
+    @property
     def spliced(self) -> bool:
         return self._splice is not None
 

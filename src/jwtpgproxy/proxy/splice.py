@@ -25,6 +25,7 @@ Two details of the TLS side, both measured (issue 10, issue 11):
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 from .connection import read_buffer
 
@@ -91,7 +92,7 @@ class Half(asyncio.BaseProtocol):
     ``asyncio.Protocol`` for a plain one even when it offers ``get_buffer()``, and
     :class:`BufferedHalf` must be seen as buffered."""
 
-    __slots__ = ("_splice", "_write", "bytes", "own", "peer")
+    __slots__ = ("_seen", "_splice", "_write", "bytes", "own", "peer", "stuck_since")
 
     def __init__(self, splice: Splice, own: asyncio.Transport, peer: asyncio.Transport) -> None:
         self._splice = splice
@@ -99,6 +100,9 @@ class Half(asyncio.BaseProtocol):
         self.peer = peer
         self.bytes = 0
         self._write = self._write_in_records if is_tls(peer) else peer.write
+        #: Since when ``peer`` has held unsent bytes without progress (see stuck_for()).
+        self.stuck_since: float | None = None
+        self._seen = (0, 0)
 
     def data_received(self, data: bytes) -> None:
         self.bytes += len(data)
@@ -112,6 +116,17 @@ class Half(asyncio.BaseProtocol):
         self.peer.writelines(
             [view[i : i + MAX_TLS_RECORD] for i in range(0, len(data), MAX_TLS_RECORD)]
         )
+
+    def stuck_for(self, now: float) -> float:
+        """Seconds this direction has held unsent bytes with no progress at all: nothing
+        flushed (the peer's write buffer is as full as at the last look) and nothing new
+        accepted. Called now and then from outside the hot path; 0.0 while moving."""
+        seen = (self.peer.get_write_buffer_size(), self.bytes)
+        if seen[0] == 0 or seen != self._seen:
+            self._seen = seen
+            self.stuck_since = now if seen[0] else None
+            return 0.0
+        return 0.0 if self.stuck_since is None else now - self.stuck_since
 
     def eof_received(self) -> bool | None:
         # PostgreSQL has no half-closed state: end of stream from one side ends the session.
@@ -232,6 +247,17 @@ class Splice:
         # A close that is already under way reaches the new protocol: asyncio looks the
         # protocol up when it delivers connection_lost. The caller checks that neither
         # handshake protocol saw the connection lost before calling start().
+
+    def stuck(self, now: float) -> Iterator[tuple[str, float, int]]:
+        """(direction, seconds, unsent bytes) of each direction that holds unsent bytes and
+        has made no progress since the last look (see :meth:`Half.stuck_for`)."""
+        for direction, half in (
+            ("to_upstream", self.client_half),
+            ("to_client", self.upstream_half),
+        ):
+            seconds = half.stuck_for(now)
+            if seconds:
+                yield direction, seconds, half.peer.get_write_buffer_size()
 
     @property
     def bytes_from_client(self) -> int:
