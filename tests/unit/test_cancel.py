@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from jwtpgproxy.protocol import wire
-from jwtpgproxy.proxy.cancel import CancelEntry, CancelKeys, CancelRegistry, ForwardLimiter
+from jwtpgproxy.proxy.cancel import CancelEntry, CancelKeys, CancelRegistry
 
 SECRET = bytes(range(32))
 KEY30 = b"\x11\x22\x33\x44"
@@ -148,7 +148,7 @@ def test_session_of_another_replica_is_routed() -> None:
 
 
 def test_unverifiable_forwards_limited_per_source() -> None:
-    registry = CancelRegistry(keys(), max_forwards_per_second=3)
+    registry = CancelRegistry(keys(), rate=3)
     outcomes = [registry.resolve(request(60, os.urandom(4)), "10.0.0.1")[0] for _ in range(5)]
     assert outcomes == ["routed_unverified"] * 3 + ["rate_limited"] * 2
     assert registry.resolve(request(60, os.urandom(4)), "10.0.0.2")[0] == "routed_unverified"
@@ -159,7 +159,7 @@ def test_unverifiable_forwards_limited_per_source() -> None:
 
 
 def test_limiter_refills_and_table_is_bounded() -> None:
-    limiter = ForwardLimiter(rate=2, max_sources=100)
+    limiter = CancelRegistry(keys(), rate=2, max_sources=100)
     assert [limiter.allow("a", now=0.0) for _ in range(3)] == [True, True, False]
     assert limiter.allow("a", now=0.5) and not limiter.allow("a", now=0.5)
     for i in range(1000):

@@ -67,7 +67,6 @@ _ROUNDS = 10
 _PID = struct.Struct("!I")
 _ROUND = struct.Struct("!IBH")
 _HALVES = struct.Struct("!HH")
-_MAX_SOURCES = 4096
 _FORWARD_TIMEOUT = 10.0
 #: Outcomes (metric label ``result``) after which nothing is sent upstream.
 DROPPED = frozenset({"unmatched", "forged", "rate_limited"})
@@ -112,26 +111,6 @@ class CancelKeys:
         return _HALVES.pack(right, left)
 
 
-class ForwardLimiter:
-    """A token bucket per source address (bounded table) for unverifiable 3.0 cancels."""
-
-    def __init__(self, rate: float, max_sources: int = _MAX_SOURCES) -> None:
-        self._rate = rate
-        self._burst = max(1.0, rate) if rate > 0 else 0.0  # 0: never
-        self._max_sources = max_sources
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def allow(self, source: str, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        tokens, last = self._buckets.pop(source, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate)
-        if len(self._buckets) >= self._max_sources:  # forget the longest-unseen source
-            del self._buckets[next(iter(self._buckets))]
-        allowed = tokens >= 1
-        self._buckets[source] = (tokens - allowed, now)
-        return allowed
-
-
 @dataclass(frozen=True, slots=True)
 class CancelEntry:
     process_id: int
@@ -141,11 +120,13 @@ class CancelEntry:
 
 
 class CancelRegistry:
-    """This worker's live sessions by upstream pid, and the per-source forward limiter."""
+    """This worker's live sessions by upstream pid, and a token bucket per source address
+    (a bounded table) for the cancels that cannot be verified."""
 
-    def __init__(self, keys: CancelKeys, max_forwards_per_second: float = 10.0) -> None:
-        self.keys = keys
-        self._limiter = ForwardLimiter(max_forwards_per_second)
+    def __init__(self, keys: CancelKeys, rate: float = 10.0, max_sources: int = 4096) -> None:
+        self.keys, self._rate, self._max_sources = keys, rate, max_sources
+        self._burst = max(1.0, rate) if rate > 0 else 0.0
+        self._buckets: dict[str, tuple[float, float]] = {}
         self._by_pid: dict[int, CancelEntry] = {}
 
     def __len__(self) -> int:
@@ -174,17 +155,27 @@ class CancelRegistry:
             return "forged", b"", None
         if len(key) != 4:
             return "routed", upstream_key, None
-        if not self._limiter.allow(source):
+        if not self.allow(source):
             return "rate_limited", b"", None
         return "routed_unverified", upstream_key, None
+
+    def allow(self, source: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(source, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        if len(self._buckets) >= self._max_sources:  # forget the longest-unseen source
+            del self._buckets[next(iter(self._buckets))]
+        self._buckets[source] = (tokens - (tokens >= 1), now)
+        return tokens >= 1
 
 
 async def handle_cancel(
     request: wire.CancelRequest,
-    source: str,
     registry: CancelRegistry,
     target: UpstreamTarget,
     metrics: Metrics,
+    *,
+    source: str,
     **log_fields: object,
 ) -> None:
     """Count, log and (unless dropped) forward a CancelRequest received from ``source``."""

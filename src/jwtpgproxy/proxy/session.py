@@ -415,14 +415,14 @@ class Session:
         return wire.backend_key_data(pid, self._cancel_entry.client_key)
 
     async def _handle_cancel(self, request: wire.CancelRequest, *, tls: bool) -> None:
-        context, source = self._context, self.peer.rsplit(":", 1)[0]
+        cancels, metrics, source = self._context.cancels, self._context.metrics, self.peer
         await handle_cancel(
             request,
-            source,
-            context.cancels,
+            cancels,
             self.runtime.upstream,
-            context.metrics,
-            client=self.peer,
+            metrics,
+            source=source.rsplit(":", 1)[0],
+            client=source,
             tls=tls,
         )
 
