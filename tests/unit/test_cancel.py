@@ -9,9 +9,12 @@ import struct
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jwtpgproxy.protocol import wire
 from jwtpgproxy.proxy.cancel import CancelEntry, CancelKeys, CancelRegistry
+from jwtpgproxy.proxy.metrics import Metrics
 
 SECRET = bytes(range(32))
 KEY30 = b"\x11\x22\x33\x44"
@@ -63,6 +66,26 @@ def test_v30_round_trip_over_many_keys_and_pids() -> None:
             client = k.client_key(pid, upstream, 0)
             assert len(client) == 4
             assert k.upstream_key(pid, client) == upstream
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pid=st.integers(0, 2**32 - 1),
+    upstream=st.binary(min_size=4, max_size=239),
+    tamper=st.integers(0, 255 * 8),
+)
+def test_property_round_trip_and_any_tampering_detected(
+    pid: int, upstream: bytes, tamper: int
+) -> None:
+    k = keys()
+    client = k.client_key(pid, upstream, 2)
+    assert k.upstream_key(pid, client) == upstream
+    i, bit = divmod(tamper, 8)
+    i %= len(client)
+    forged = client[:i] + bytes([client[i] ^ (1 << bit)]) + client[i + 1 :]
+    assert k.upstream_key(pid, forged) is None
+    if len(upstream) == 4:
+        assert k.upstream_key(pid, k.client_key(pid, upstream, 0)) == upstream
 
 
 def test_v30_is_a_permutation_tweaked_by_pid() -> None:
@@ -123,12 +146,16 @@ def test_keys_that_cannot_be_carried_are_random() -> None:
 # --- The registry: what a CancelRequest is ------------------------------------------------
 
 
+def registry_of(rate: float = 10.0, max_sources: int = 4096) -> CancelRegistry:
+    return CancelRegistry(keys(), Metrics(lambda: iter(())), rate, max_sources)
+
+
 def request(pid: int, key: bytes) -> wire.CancelRequest:
     return wire.CancelRequest(pid, key)
 
 
 def test_local_session_matches_exactly() -> None:
-    registry = CancelRegistry(keys())
+    registry = registry_of()
     entry = registry.register(4242, KEY30, True, 0)
     assert isinstance(entry, CancelEntry) and len(registry) == 1
     assert repr(entry.client_key) not in repr(entry) and repr(KEY30) not in repr(entry)
@@ -139,7 +166,7 @@ def test_local_session_matches_exactly() -> None:
 
 
 def test_session_of_another_replica_is_routed() -> None:
-    mine, theirs = CancelRegistry(keys()), CancelRegistry(keys())
+    mine, theirs = registry_of(), registry_of()
     v32 = theirs.register(50, KEY32, True, 2).client_key
     v30 = theirs.register(51, KEY30, True, 0).client_key
     assert mine.resolve(request(50, v32), "a") == ("routed", KEY32, None)
@@ -148,18 +175,18 @@ def test_session_of_another_replica_is_routed() -> None:
 
 
 def test_unverifiable_forwards_limited_per_source() -> None:
-    registry = CancelRegistry(keys(), rate=3)
+    registry = registry_of(rate=3)
     outcomes = [registry.resolve(request(60, os.urandom(4)), "10.0.0.1")[0] for _ in range(5)]
     assert outcomes == ["routed_unverified"] * 3 + ["rate_limited"] * 2
     assert registry.resolve(request(60, os.urandom(4)), "10.0.0.2")[0] == "routed_unverified"
     # 3.2 keys carry their own proof: never limited.
-    v32 = CancelRegistry(keys()).register(61, KEY32, False, 2).client_key
+    v32 = registry_of().register(61, KEY32, False, 2).client_key
     assert all(registry.resolve(request(61, v32), "10.0.0.1")[0] == "routed" for _ in range(20))
-    assert CancelRegistry(keys(), 0).resolve(request(60, KEY30), "x")[0] == "rate_limited"
+    assert registry_of(rate=0).resolve(request(60, KEY30), "x")[0] == "rate_limited"
 
 
 def test_limiter_refills_and_table_is_bounded() -> None:
-    limiter = CancelRegistry(keys(), rate=2, max_sources=100)
+    limiter = registry_of(rate=2, max_sources=100)
     assert [limiter.allow("a", now=0.0) for _ in range(3)] == [True, True, False]
     assert limiter.allow("a", now=0.5) and not limiter.allow("a", now=0.5)
     for i in range(1000):
@@ -168,7 +195,7 @@ def test_limiter_refills_and_table_is_bounded() -> None:
 
 
 def test_unregister_and_reregistered_pid() -> None:
-    registry = CancelRegistry(keys())
+    registry = registry_of()
     old = registry.register(4242, b"old!", False, 0)
     new = registry.register(4242, b"new!", True, 0)
     registry.unregister(old)  # the stale session's cleanup keeps the live entry

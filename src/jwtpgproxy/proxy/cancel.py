@@ -123,8 +123,10 @@ class CancelRegistry:
     """This worker's live sessions by upstream pid, and a token bucket per source address
     (a bounded table) for the cancels that cannot be verified."""
 
-    def __init__(self, keys: CancelKeys, rate: float = 10.0, max_sources: int = 4096) -> None:
-        self.keys, self._rate, self._max_sources = keys, rate, max_sources
+    def __init__(
+        self, keys: CancelKeys, metrics: Metrics, rate: float = 10.0, max_sources: int = 4096
+    ) -> None:
+        self.keys, self._metrics, self._rate, self._max_sources = keys, metrics, rate, max_sources
         self._burst = max(1.0, rate) if rate > 0 else 0.0
         self._buckets: dict[str, tuple[float, float]] = {}
         self._by_pid: dict[int, CancelEntry] = {}
@@ -168,28 +170,21 @@ class CancelRegistry:
         self._buckets[source] = (tokens - (tokens >= 1), now)
         return tokens >= 1
 
-
-async def handle_cancel(
-    request: wire.CancelRequest,
-    registry: CancelRegistry,
-    target: UpstreamTarget,
-    metrics: Metrics,
-    *,
-    source: str,
-    **log_fields: object,
-) -> None:
-    """Count, log and (unless dropped) forward a CancelRequest received from ``source``."""
-    outcome, upstream_key, tls = registry.resolve(request, source)
-    metrics.cancel_requests.labels(outcome).inc()
-    pid = request.process_id
-    if outcome in DROPPED:
-        event(log, INFO, "cancel request ignored", pid=pid, reason=outcome, **log_fields)
-        return
-    if tls is None:  # as a login would: TLS unless the settings say plaintext first
-        modes = (UpstreamSSLMode.DISABLE, UpstreamSSLMode.ALLOW)
-        tls = target.ssl_context is not None and target.sslmode not in modes
-    event(log, INFO, "cancel request forwarded", pid=pid, route=outcome, **log_fields)
-    await forward_cancel(target, pid, upstream_key, tls)
+    async def handle(
+        self, request: wire.CancelRequest, target: UpstreamTarget, *, source: str, **fields: object
+    ) -> None:
+        """Count, log and (unless dropped) forward a CancelRequest received from ``source``."""
+        outcome, upstream_key, tls = self.resolve(request, source)
+        self._metrics.cancel_requests.labels(outcome).inc()
+        pid = request.process_id
+        if outcome in DROPPED:
+            event(log, INFO, "cancel request ignored", pid=pid, reason=outcome, **fields)
+            return
+        if tls is None:  # as a login would: TLS unless the settings say plaintext first
+            modes = (UpstreamSSLMode.DISABLE, UpstreamSSLMode.ALLOW)
+            tls = target.ssl_context is not None and target.sslmode not in modes
+        event(log, INFO, "cancel request forwarded", pid=pid, route=outcome, **fields)
+        await forward_cancel(target, pid, upstream_key, tls)
 
 
 async def forward_cancel(target: UpstreamTarget, pid: int, key: bytes, tls: bool) -> None:

@@ -59,8 +59,10 @@ class ProxyServer:
         self._reuse_port = reuse_port
         self._background: set[asyncio.Task[None]] = set()
         self._tasks: dict[asyncio.Task[None], Session] = {}
-        cancels = CancelRegistry(runtime.cancel_keys, runtime.limits.cancel_forwards_per_second)
-        self.context = ServerContext(runtime, cancels, Metrics(self._live_sessions))
+        metrics = Metrics(self._live_sessions)
+        rate = runtime.limits.cancel_forwards_per_second
+        cancels = CancelRegistry(runtime.cancel_keys, metrics, rate)
+        self.context = ServerContext(runtime, cancels, metrics)
         self._listeners: list[socket.socket] = []
         self._stopping = asyncio.Event()
         self._pending = 0  # sessions accepted that have not finished login

@@ -44,7 +44,7 @@ from ..errors import (
 )
 from ..logs import event
 from ..protocol import frontend, wire
-from .cancel import CancelEntry, CancelRegistry, handle_cancel
+from .cancel import CancelEntry, CancelRegistry
 from .connection import HandshakeProtocol, format_peer
 from .metrics import Metrics
 from .runtime import Runtime
@@ -415,15 +415,9 @@ class Session:
         return wire.backend_key_data(pid, self._cancel_entry.client_key)
 
     async def _handle_cancel(self, request: wire.CancelRequest, *, tls: bool) -> None:
-        cancels, metrics, source = self._context.cancels, self._context.metrics, self.peer
-        await handle_cancel(
-            request,
-            cancels,
-            self.runtime.upstream,
-            metrics,
-            source=source.rsplit(":", 1)[0],
-            client=source,
-            tls=tls,
+        source = self.peer.rsplit(":", 1)[0]
+        await self._context.cancels.handle(
+            request, self.runtime.upstream, source=source, client=self.peer, tls=tls
         )
 
     def _fail(self, exc: ProxyError) -> None:
