@@ -311,14 +311,19 @@ def test_cancels_through_load_balancer_reach_sessions_on_any_replica(
             random.Random(14).shuffle(order)
             started = time.monotonic()
             sent = [0.0] * sessions
-            for i in order:
-                conn = conns[i]
+
+            async def cancel(i: int) -> None:
                 sent[i] = time.monotonic()
                 if i % 2:
-                    await conn.cancel_safe()  # libpq 17+: over TLS, like the session
+                    await conns[i].cancel_safe()  # libpq 17+: over TLS, like the session
                 else:
-                    await asyncio.to_thread(conn.cancel)  # PQcancel: plaintext
+                    await asyncio.to_thread(conns[i].cancel)  # PQcancel: plaintext
+
+            cancels = []
+            for i in order:  # 20 ms apart, each without waiting for the previous one
+                cancels.append(asyncio.create_task(cancel(i)))
                 await asyncio.sleep(0.02)
+            await asyncio.gather(*cancels)
             results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
             assert [code for code, _ in results] == ["57014"] * sessions
             span = max(ended for _, ended in results) - started
