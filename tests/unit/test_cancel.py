@@ -157,7 +157,7 @@ def request(pid: int, key: bytes) -> wire.CancelRequest:
 def test_local_session_matches_exactly() -> None:
     registry = registry_of()
     entry = registry.register(4242, KEY30, True, 0)
-    assert isinstance(entry, CancelEntry) and len(registry) == 1
+    assert isinstance(entry, CancelEntry)
     assert repr(entry.client_key) not in repr(entry) and repr(KEY30) not in repr(entry)
     assert registry.resolve(request(4242, entry.client_key), "a") == ("forwarded", KEY30, True)
     wrong = bytes([entry.client_key[0] ^ 1]) + entry.client_key[1:]
@@ -201,7 +201,6 @@ def test_unregister_and_reregistered_pid() -> None:
     registry.unregister(old)  # the stale session's cleanup keeps the live entry
     assert registry.resolve(request(4242, new.client_key), "a") == ("forwarded", b"new!", True)
     registry.unregister(new)
-    assert len(registry) == 0
     # Gone from this worker: now decrypted like any other replica's key.
     assert registry.resolve(request(4242, new.client_key), "a") == (
         "routed_unverified",

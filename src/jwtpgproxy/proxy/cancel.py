@@ -60,9 +60,8 @@ from .upstream import UpstreamSSLMode, UpstreamTarget, connect_raw, negotiate_tl
 log = logging.getLogger("jwtpgproxy")
 
 MIN_SECRET_BYTES = 32
-_SIV_TAG = 16
-_MIN_PLAINTEXT = 16  # 16 + 16: a 3.2 key of at least 32 bytes
-_MAX_CARRIED = wire.MAX_CANCEL_KEY_LENGTH - _SIV_TAG - 1
+_MIN_PLAINTEXT = 16  # + AES-SIV's 16-byte tag: a 3.2 key of at least 32 bytes
+_MAX_CARRIED = wire.MAX_CANCEL_KEY_LENGTH - 16 - 1  # the tag and the length byte
 _ROUNDS = 10
 _PID = struct.Struct("!I")
 _ROUND = struct.Struct("!IBH")
@@ -70,6 +69,8 @@ _HALVES = struct.Struct("!HH")
 _FORWARD_TIMEOUT = 10.0
 #: Outcomes (metric label ``result``) after which nothing is sent upstream.
 DROPPED = frozenset({"unmatched", "forged", "rate_limited"})
+#: For a session held elsewhere, TLS to upstream unless the settings try plaintext first.
+_PLAINTEXT_FIRST = (UpstreamSSLMode.DISABLE, UpstreamSSLMode.ALLOW)
 
 
 class CancelKeys:
@@ -131,9 +132,6 @@ class CancelRegistry:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._by_pid: dict[int, CancelEntry] = {}
 
-    def __len__(self) -> int:
-        return len(self._by_pid)
-
     def register(self, pid: int, upstream_key: bytes, tls: bool, minor: int) -> CancelEntry:
         entry = CancelEntry(pid, self.keys.client_key(pid, upstream_key, minor), upstream_key, tls)
         # Upstream pids are unique among live backends; a stale entry for the same pid
@@ -180,9 +178,8 @@ class CancelRegistry:
         if outcome in DROPPED:
             event(log, INFO, "cancel request ignored", pid=pid, reason=outcome, **fields)
             return
-        if tls is None:  # as a login would: TLS unless the settings say plaintext first
-            modes = (UpstreamSSLMode.DISABLE, UpstreamSSLMode.ALLOW)
-            tls = target.ssl_context is not None and target.sslmode not in modes
+        if tls is None:
+            tls = target.ssl_context is not None and target.sslmode not in _PLAINTEXT_FIRST
         event(log, INFO, "cancel request forwarded", pid=pid, route=outcome, **fields)
         await forward_cancel(target, pid, upstream_key, tls)
 
