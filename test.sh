@@ -101,10 +101,12 @@ if ! command -v haproxy >/dev/null && [[ $EUID -eq 0 ]] && command -v apt-get >/
     apt-get install -y -qq haproxy >/dev/null 2>&1 \
         || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq haproxy >/dev/null 2>&1; } \
         || echo "could not install haproxy: test_scaleout.py will be skipped"
-    [[ $created_policy -eq 1 ]] && rm -f /usr/sbin/policy-rc.d
+    if [[ $created_policy -eq 1 ]]; then
+        rm -f /usr/sbin/policy-rc.d
+    fi
 fi
 if command -v haproxy >/dev/null; then
-    haproxy -v | head -n 1
+    haproxy -v | sed -n 1p  # (not head: its early exit would fail the pipe under pipefail)
 else
     echo "haproxy not available (not root, or no apt-get): test_scaleout.py will be skipped"
 fi
