@@ -85,6 +85,32 @@ export PATH="${pg_path:+$pg_path:}$PATH"
 env | grep '^PGPROXY_TEST_' | grep -v PASSWORD | sort
 echo "PostgreSQL: $(postgres --version 2>/dev/null || echo '?') (PGPROXY_TEST_PGBIN=$PGPROXY_TEST_PGBIN)"
 
+# --- haproxy (tests/integration/test_scaleout.py) ------------------------------
+section haproxy
+if ! command -v haproxy >/dev/null && [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing haproxy for the scale-out test"
+    # Keep Debian's maintainer scripts from starting the packaged service: a
+    # policy-rc.d that exits 101 ("action forbidden"), only while installing.
+    created_policy=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        created_policy=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq haproxy >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq haproxy >/dev/null 2>&1; } \
+        || echo "could not install haproxy: test_scaleout.py will be skipped"
+    if [[ $created_policy -eq 1 ]]; then
+        rm -f /usr/sbin/policy-rc.d
+    fi
+fi
+if command -v haproxy >/dev/null; then
+    haproxy -v | sed -n 1p  # (not head: its early exit would fail the pipe under pipefail)
+else
+    echo "haproxy not available (not root, or no apt-get): test_scaleout.py will be skipped"
+fi
+
 # --- lint ----------------------------------------------------------------------
 if [[ "${RUN_LINT:-1}" != 0 ]]; then
     section "lint: ruff check src tests"

@@ -63,10 +63,10 @@ def test_workers_share_the_port_and_cancel_across_workers(
     log = proxy.log()
     # Both workers served clients...
     assert "[worker 0]: token accepted" in log and "[worker 1]: token accepted" in log
-    # ...and cancels that landed on the other worker were passed to the owner (16 cancels
-    # all landing on their own session's worker has probability 2**-16).
-    assert "cancel request passed to another worker" in log
-    assert 'via="peer worker"' in log
+    # ...and cancels that landed on the other worker were forwarded by it, recovering
+    # upstream's key under the secret the supervisor gave both workers (16 cancels all
+    # landing on their own session's worker has probability 2**-16).
+    assert "route=routed_unverified" in log
     status, text = scrape(metrics_port)
     assert status == 200
     merged = {
@@ -75,8 +75,12 @@ def test_workers_share_the_port_and_cancel_across_workers(
         if line and not line.startswith("#")
     }
     assert merged['jwtpgproxy_logins_total{outcome="success",reason="ok"}'] == 16
-    assert merged['jwtpgproxy_cancel_requests_total{result="forwarded"}'] == 16
-    assert 'jwtpgproxy_cancel_requests_total{result="unmatched"}' not in merged
+    cancels = {
+        result: merged.get(f'jwtpgproxy_cancel_requests_total{{result="{result}"}}', 0)
+        for result in ("forwarded", "routed_unverified", "unmatched", "rate_limited")
+    }
+    assert cancels["forwarded"] + cancels["routed_unverified"] == 16, cancels
+    assert cancels["routed_unverified"] > 0 and cancels["unmatched"] == 0, cancels
     created = merged['jwtpgproxy_logins_created{outcome="success",reason="ok"}']
     assert abs(created - time.time()) < 120  # a timestamp, not a sum of timestamps
 

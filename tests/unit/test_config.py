@@ -487,3 +487,38 @@ def test_settings_can_be_built_directly() -> None:
         upstream=upstream(), public_keys={"0": _pem(KEY_A)}, downstream={"sslmode": "disable"}
     )  # type: ignore[arg-type]
     assert build_runtime(settings).upstream.host == "h"
+
+
+# --- Cancel keys and shutdown delay (issue 14) ---------------------------------------------
+
+
+def test_cancel_secret_too_short_is_named(env: pytest.MonkeyPatch) -> None:
+    env.setenv("CANCEL__SECRET", "x" * 31)
+    with pytest.raises(ConfigError, match=r"^CANCEL__SECRET: .*32 bytes"):
+        load_settings()
+
+
+def test_cancel_secret_shared_gives_same_keys_unset_gives_one_per_process(
+    env: pytest.MonkeyPatch,
+) -> None:
+    env.setenv("CANCEL__SECRET", "s" * 32)
+    one, two = build_runtime(load_settings()), build_runtime(load_settings())
+    assert one.cancel_keys.client_key(7, b"abcd", 2) == two.cancel_keys.client_key(7, b"abcd", 2)
+    assert "s" * 32 not in repr(load_settings())
+    env.delenv("CANCEL__SECRET")
+    # Unset: random, but the same across reloads of this process (keys already given out
+    # stay valid), and different from the configured one.
+    three, four = build_runtime(load_settings()), build_runtime(load_settings())
+    key = three.cancel_keys.client_key(7, b"abcd", 2)
+    assert key == four.cancel_keys.client_key(7, b"abcd", 2)
+    assert key != one.cancel_keys.client_key(7, b"abcd", 2)
+
+
+def test_cancel_rate_and_shutdown_delay(env: pytest.MonkeyPatch) -> None:
+    env.setenv("CANCEL__MAX_FORWARDS_PER_SECOND", "0")
+    env.setenv("SHUTDOWN_DELAY", "5")
+    limits = build_runtime(load_settings()).limits
+    assert limits.cancel_forwards_per_second == 0 and limits.shutdown_delay == 5
+    env.setenv("SHUTDOWN_DELAY", "-1")
+    with pytest.raises(ConfigError, match=r"^SHUTDOWN_DELAY: "):
+        load_settings()

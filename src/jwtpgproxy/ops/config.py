@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import ipaddress
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from ..errors import ConfigError
 from ..logs import event
 from ..protocol.frontend import DownstreamSSLMode
 from ..protocol.login import ChannelBindingPolicy
+from ..proxy.cancel import MIN_SECRET_BYTES, CancelKeys
 from ..proxy.connection import Keepalive
 from ..proxy.runtime import Downstream, Limits, Runtime
 from ..proxy.upstream import UpstreamSSLMode, UpstreamTarget
@@ -100,6 +102,27 @@ class KeepaliveSettings(_Section):
     idle: int = Field(default=60, ge=1, le=7200)
     interval: int = Field(default=10, ge=1, le=600)
     count: int = Field(default=6, ge=1, le=50)
+
+
+class CancelSettings(_Section):
+    """Self-routing cancel keys (``CANCEL__*``; see jwtpgproxy.proxy.cancel)."""
+
+    #: Shared by every replica of a deployment; unset: one random secret per process tree.
+    secret: SecretStr | None = None
+    #: Unverifiable (protocol 3.0) cancels for sessions elsewhere, per source address.
+    max_forwards_per_second: float = Field(default=10.0, ge=0, le=100_000)
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"must be at least {MIN_SECRET_BYTES} bytes")
+        return value
+
+
+#: The cancel secret of this process when CANCEL__SECRET is unset (a supervisor sets it for
+#: its workers), kept across reloads so that keys already given out stay valid.
+_PROCESS_CANCEL_SECRET = os.urandom(32)
 
 
 class LogFormat(enum.StrEnum):
@@ -176,6 +199,8 @@ class Settings(BaseSettings):
     authentication_timeout: float = Field(default=60.0, gt=0, le=600)
     #: How long SIGTERM waits for sessions to end before closing them.
     shutdown_timeout: float = Field(default=30.0, ge=0, le=3600)
+    #: After SIGTERM: seconds of not-ready while still accepting (load balancers notice).
+    shutdown_delay: float = Field(default=0.0, ge=0, le=600)
     #: Client connections at once; beyond it, FATAL 53300 before any password is asked.
     max_client_connections: int = Field(default=1000, ge=1, le=1_000_000)
     #: Connections that have not finished login at once (slowloris bound); beyond it new
@@ -188,6 +213,7 @@ class Settings(BaseSettings):
     stall_warning_seconds: float = Field(default=30.0, ge=0, le=86400)
     keepalive: KeepaliveSettings = KeepaliveSettings()
     metrics: MetricsSettings = MetricsSettings()
+    cancel: CancelSettings = CancelSettings()
     #: Worker processes sharing the listening port (SO_REUSEPORT); 1 = a single process.
     workers: int = Field(default=1, ge=1, le=64)
     log_level: str = "INFO"
@@ -445,11 +471,20 @@ def build_runtime(
             shutdown_timeout=settings.shutdown_timeout,
             idle_session_timeout=settings.idle_session_timeout,
             stall_seconds=settings.stall_warning_seconds,
+            shutdown_delay=settings.shutdown_delay,
+            cancel_forwards_per_second=settings.cancel.max_forwards_per_second,
         ),
         keepalive=upstream.keepalive,
         end_sessions_on_expiry=token.end_sessions_on_expiry,
         end_sessions_on_revocation=token.end_sessions_on_revocation,
+        cancel_keys=_cancel_keys(settings.cancel),
     )
+
+
+def _cancel_keys(settings: CancelSettings) -> CancelKeys:
+    if settings.secret is None:
+        return CancelKeys(_PROCESS_CANCEL_SECRET)
+    return CancelKeys(settings.secret.get_secret_value().encode())
 
 
 def upstream_target(settings: Settings) -> UpstreamTarget:

@@ -10,33 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import secrets
 
 from ..proxy.listener import ProxyServer
 from ..proxy.upstream import probe_upstream
 from .admin import AdminServer
 from .config import Settings, open_runtime, upstream_target
-from .workers import Supervisor, WorkerInfo, cancel_on_peers, start_control_server
+from .workers import Supervisor, WorkerInfo, start_control_server
 
 
 async def serve(settings: Settings, worker: WorkerInfo | None = None) -> None:
     """Run the proxy until a signal stops it. Keys behind a JWKS URL are fetched first: a
     proxy that cannot verify any token does not start (ConfigError)."""
     async with open_runtime(settings) as configured, contextlib.AsyncExitStack() as stack:
-        peers = None
-        if worker is not None and worker.count > 1:
-            peers = functools.partial(cancel_on_peers, worker)
         server = ProxyServer(
-            configured.runtime,
-            reload=configured.reload,
-            reuse_port=worker is not None,
-            cancel_on_peers=peers,
+            configured.runtime, reload=configured.reload, reuse_port=worker is not None
         )
         await server.start()
         if worker is not None:
             # The supervisor serves /metrics etc. for all workers, asking each over this.
-            control = await start_control_server(
-                worker, server.render_metrics, server.cancel_locally
-            )
+            control = await start_control_server(worker, server.render_metrics)
             stack.callback(control.close)
         elif settings.metrics.port is not None:
             admin = AdminServer(
@@ -61,10 +54,14 @@ async def serve(settings: Settings, worker: WorkerInfo | None = None) -> None:
 async def supervise(settings: Settings) -> int:
     """WORKERS > 1: run that many worker processes and serve the admin endpoints for all."""
     target = upstream_target(settings)  # also checks the upstream settings up front
+    # Workers must share the cancel secret (any worker recovers any session's cancel key):
+    # without CANCEL__SECRET, one random secret for this process tree.
+    secret = {} if settings.cancel.secret else {"CANCEL__SECRET": secrets.token_hex(32)}
     supervisor = Supervisor(
         settings.workers,
         metrics_host=settings.metrics.host,
         metrics_port=settings.metrics.port,
         ready=functools.partial(probe_upstream, target),
+        env=secret,
     )
     return await supervisor.run()

@@ -6,14 +6,10 @@ the workers and each uses a core. The parent process supervises them: it forward
 restarts a worker that dies, stops everything when a worker reports a configuration error,
 and serves /metrics (the sum over the workers), /healthz and /readyz itself.
 
-Workers talk over Unix sockets in a private directory (mode 0700), one per worker:
-
-* ``M``: reply with this worker's metrics in Prometheus text format.
-* ``C`` + Int32 length + CancelRequest body: "is this (pid, key) one of your sessions? then
-  cancel it" -- reply ``1`` or ``0``. A CancelRequest lands on whichever worker the kernel
-  picks; the worker without the session asks its peers. Asking all peers (cancels are rare)
-  keeps every bit of the client's cancel key random, instead of spending some of a 3.0 key's
-  32 bits on naming the owning worker.
+Each worker answers ``M`` on a Unix socket in a private directory (mode 0700) with its
+metrics in Prometheus text format. A CancelRequest needs no help from other workers: it
+lands on whichever worker the kernel picks, which recovers upstream's key from the client's
+(see :mod:`jwtpgproxy.proxy.cancel`) under the one secret the supervisor hands all workers.
 """
 
 from __future__ import annotations
@@ -24,17 +20,14 @@ import logging
 import os
 import shutil
 import signal
-import struct
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
-from ..errors import WireError
 from ..logs import event
-from ..protocol import wire
 
 log = logging.getLogger("jwtpgproxy")
 
@@ -57,9 +50,6 @@ class WorkerInfo:
     def socket_path(self, index: int) -> str:
         return os.path.join(self.control_dir, f"worker-{index}.sock")
 
-    def peers(self) -> list[int]:
-        return [i for i in range(self.count) if i != self.index]
-
 
 # --- In a worker ---------------------------------------------------------------------------
 
@@ -67,7 +57,6 @@ class WorkerInfo:
 async def start_control_server(
     info: WorkerInfo,
     render_metrics: Callable[[], Awaitable[bytes]],
-    cancel_locally: Callable[[wire.CancelRequest], Awaitable[bool]],
 ) -> asyncio.AbstractServer:
     """This worker's control socket (see the module docstring)."""
 
@@ -77,17 +66,8 @@ async def start_control_server(
                 command = await reader.readexactly(1)
                 if command == b"M":
                     writer.write(await render_metrics())
-                elif command == b"C":
-                    (length,) = struct.unpack("!I", await reader.readexactly(4))
-                    if not 12 <= length <= 12 + wire.MAX_CANCEL_KEY_LENGTH:
-                        return
-                    request = wire.decode_initial_packet(await reader.readexactly(length - 4))
-                    matched = isinstance(request, wire.CancelRequest) and await cancel_locally(
-                        request
-                    )
-                    writer.write(b"1" if matched else b"0")
                 await writer.drain()
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, WireError):
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
@@ -96,27 +76,6 @@ async def start_control_server(
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # left by a predecessor that crashed
     return await asyncio.start_unix_server(handle, path=path)
-
-
-async def cancel_on_peers(info: WorkerInfo, request: wire.CancelRequest) -> bool:
-    """Ask every other worker to cancel ``request``'s session; True if one owned it."""
-    packet = wire.cancel_request(request.process_id, request.secret_key)
-
-    async def ask(index: int) -> bool:
-        try:
-            async with asyncio.timeout(_PEER_TIMEOUT):
-                reader, writer = await asyncio.open_unix_connection(info.socket_path(index))
-                try:
-                    writer.write(b"C" + packet)
-                    await writer.drain()
-                    return await reader.read(1) == b"1"
-                finally:
-                    writer.close()
-        except (OSError, TimeoutError):
-            return False  # a worker restarting: its sessions are gone anyway
-
-    results = await asyncio.gather(*(ask(i) for i in info.peers()))
-    return any(results)
 
 
 # --- In the supervisor --------------------------------------------------------------------
@@ -192,7 +151,10 @@ class Supervisor:
         metrics_host: str,
         metrics_port: int | None,
         ready: Callable[[], Awaitable[tuple[bool, str]]],
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """``env``: added to the workers' environment (a secret they must share)."""
+        self._env = {**os.environ, **(env or {})}
         self.info = WorkerInfo(-1, count, tempfile.mkdtemp(prefix="jwtpgproxy-"))
         os.chmod(self.info.control_dir, 0o700)
         self._metrics_host = metrics_host
@@ -218,6 +180,7 @@ class Supervisor:
             "--control-dir",
             self.info.control_dir,
             stdin=asyncio.subprocess.DEVNULL,
+            env=self._env,
         )
         self._processes[index] = process
         event(log, INFO, "worker started", worker=index, pid=process.pid)

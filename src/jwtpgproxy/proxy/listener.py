@@ -6,7 +6,8 @@ is read (before any password is asked); beyond ``MAX_PENDING_LOGINS`` connection
 not finished login, new connections are closed at once -- with the authentication deadline,
 this bounds what stalled clients can hold.
 
-Shutdown (SIGTERM, or the first SIGINT): stop accepting and report not-ready, let sessions
+Shutdown (SIGTERM, or the first SIGINT): report not-ready at once, keep accepting for
+``SHUTDOWN_DELAY`` seconds (while a load balancer notices), stop accepting, let sessions
 finish for up to ``SHUTDOWN_TIMEOUT`` seconds, then end the rest: sessions still logging in
 get FATAL 57P01 from the proxy; spliced sessions are ended by upstream itself
 (pg_terminate_backend), so their clients get PostgreSQL's own FATAL 57P01 at a message
@@ -25,8 +26,7 @@ from logging import INFO, WARNING
 
 from ..errors import ConfigError, TokenRevoked
 from ..logs import event
-from ..protocol import wire
-from .cancel import CancelRegistry, cancel_session
+from .cancel import CancelRegistry
 from .metrics import Metrics
 from .runtime import Runtime
 from .session import ServerContext, Session
@@ -51,19 +51,18 @@ class ProxyServer:
         *,
         reload: Callable[[], Awaitable[Runtime]] | None = None,
         reuse_port: bool = False,
-        cancel_on_peers: Callable[[wire.CancelRequest], Awaitable[bool]] | None = None,
     ) -> None:
         """``reload``: re-read what lives in files and behind URLs and build a new runtime
         (SIGHUP); raises ConfigError to keep the running one. ``reuse_port``: listen with
-        SO_REUSEPORT (one of several workers on one port). ``cancel_on_peers``: ask the
-        other workers to cancel a session this one does not have."""
+        SO_REUSEPORT (one of several workers on one port)."""
         self._reload = reload
         self._reuse_port = reuse_port
         self._background: set[asyncio.Task[None]] = set()
         self._tasks: dict[asyncio.Task[None], Session] = {}
-        self.context = ServerContext(
-            runtime, CancelRegistry(), Metrics(self._live_sessions), cancel_on_peers
-        )
+        metrics = Metrics(self._live_sessions)
+        rate = runtime.limits.cancel_forwards_per_second
+        cancels = CancelRegistry(runtime.cancel_keys, metrics, rate)
+        self.context = ServerContext(runtime, cancels, metrics)
         self._listeners: list[socket.socket] = []
         self._stopping = asyncio.Event()
         self._pending = 0  # sessions accepted that have not finished login
@@ -158,7 +157,7 @@ class ProxyServer:
             self._pending -= 1
 
     def _resume_accepting(self, listener: socket.socket) -> None:
-        if listener.fileno() >= 0 and not self._stopping.is_set():
+        if listener.fileno() >= 0:  # not closed by shutdown()
             self._watch(listener)
 
     async def _watch_stalls(self) -> None:
@@ -210,14 +209,6 @@ class ProxyServer:
 
     async def render_metrics(self) -> bytes:
         return self.metrics.render()
-
-    async def cancel_locally(self, request: wire.CancelRequest) -> bool:
-        """A peer worker received this CancelRequest: forward it if the session is ours."""
-        entry = self.context.cancels.match(request)
-        if entry is None:
-            return False
-        await cancel_session(self.runtime.upstream, entry, self.metrics, via="peer worker")
-        return True
 
     async def ready(self) -> tuple[bool, str]:
         """Readiness: accepting, and upstream accepts a TCP connection."""
@@ -281,6 +272,10 @@ class ProxyServer:
 
     async def serve_until_stopped(self) -> None:
         await self._stopping.wait()
+        delay = self.runtime.limits.shutdown_delay
+        if delay:  # not ready already; accept until the load balancer has noticed
+            event(log, INFO, "accepting during shutdown delay", seconds=delay)
+            await asyncio.sleep(delay)
         await self.shutdown()
 
     def _close_listeners(self) -> None:

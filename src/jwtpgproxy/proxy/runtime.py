@@ -7,11 +7,13 @@ in the proxy layer reads a setting or an environment variable. A session keeps t
 
 from __future__ import annotations
 
+import secrets
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..auth.tokens import TokenVerifier
 from ..protocol.frontend import DownstreamSSLMode
+from .cancel import CancelKeys
 from .connection import Keepalive
 from .upstream import UpstreamTarget
 
@@ -44,6 +46,12 @@ class Limits:
     #: A splice direction holding unsent bytes without progress this long is reported as
     #: stalled (log line and metric; 0 = off).
     stall_seconds: float = 30.0
+    #: After SIGTERM: seconds to keep accepting while /readyz says "not ready", so that a
+    #: load balancer stops sending new connections before the listener closes.
+    shutdown_delay: float = 0.0
+    #: CancelRequests with a 3.0 key for a session of another worker or replica, which
+    #: cannot be verified, forwarded per second and source address at most.
+    cancel_forwards_per_second: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +64,8 @@ class Runtime:
     #: The proxy ends a session itself when its token expires / is revoked (FATAL 57P01).
     end_sessions_on_expiry: bool = False
     end_sessions_on_revocation: bool = False
+    #: Under CANCEL__SECRET (see jwtpgproxy.proxy.cancel); random if not given.
+    cancel_keys: CancelKeys = field(default_factory=lambda: CancelKeys(secrets.token_bytes(32)))
 
     @property
     def endable_sessions(self) -> bool:

@@ -23,7 +23,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 
@@ -44,7 +44,7 @@ from ..errors import (
 )
 from ..logs import event
 from ..protocol import frontend, wire
-from .cancel import CancelEntry, CancelRegistry, cancel_session, secret_length
+from .cancel import CancelEntry, CancelRegistry
 from .connection import HandshakeProtocol, format_peer
 from .metrics import Metrics
 from .runtime import Runtime
@@ -111,8 +111,6 @@ class ServerContext:
     runtime: Runtime
     cancels: CancelRegistry
     metrics: Metrics
-    #: With several workers: ask the others to cancel a session this one does not have.
-    cancel_on_peers: Callable[[wire.CancelRequest], Awaitable[bool]] | None = None
 
 
 @dataclass(slots=True)
@@ -412,26 +410,14 @@ class Session:
         assert upstream.result.backend_key is not None
         pid, upstream_secret = upstream.result.backend_key
         self._cancel_entry = self._context.cancels.register(
-            pid, upstream_secret, upstream.tls, secret_length(self.protocol_minor)
+            pid, upstream_secret, upstream.tls, self.protocol_minor
         )
-        return wire.backend_key_data(pid, self._cancel_entry.proxy_secret)
+        return wire.backend_key_data(pid, self._cancel_entry.client_key)
 
     async def _handle_cancel(self, request: wire.CancelRequest, *, tls: bool) -> None:
-        context = self._context
-        entry = context.cancels.match(request)
-        if (
-            entry is None
-            and context.cancel_on_peers is not None
-            and await context.cancel_on_peers(request)  # the owning worker counts and logs it
-        ):
-            event(log, INFO, "cancel request passed to another worker", client=self.peer)
-            return
-        if entry is None:
-            context.metrics.cancel_requests.labels("unmatched").inc()
-            event(log, INFO, "cancel request ignored: no such session", client=self.peer, tls=tls)
-            return
-        await cancel_session(
-            self.runtime.upstream, entry, context.metrics, client=self.peer, tls=tls
+        source = self.peer.rsplit(":", 1)[0]
+        await self._context.cancels.handle(
+            request, self.runtime.upstream, source=source, client=self.peer, tls=tls
         )
 
     def _fail(self, exc: ProxyError) -> None:
