@@ -449,7 +449,8 @@ def token_source_from_env(
                               seconds (default 300), algorithm ``JWTPG_ALG``, ``JWTPG_KID``;
     ``JWTPG_TOKEN``           one fixed token.
 
-    ``JWTPG_REFRESH_MARGIN`` (seconds) overrides the refresh margin of the first three.
+    ``JWTPG_REFRESH_MARGIN`` (seconds, default 60 for a file or a command, a third of the
+    lifetime for a key): a new connection gets a token with at least that long left.
     """
     env = os.environ if environ is None else environ
     chosen = [n for n in _ENV_KINDS if env.get(n)]
@@ -462,7 +463,7 @@ def token_source_from_env(
     name = chosen[0]
     value = env[name]
     if name == "JWTPG_TOKEN_FILE":
-        return FileTokenSource(value, refresh_margin=margin or 0)
+        return FileTokenSource(value, refresh_margin=60 if margin is None else margin)
     if name == "JWTPG_TOKEN_COMMAND":
         return CommandTokenSource(value, refresh_margin=60 if margin is None else margin)
     if name == "JWTPG_PRIVATE_KEY":
