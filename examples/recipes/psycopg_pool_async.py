@@ -31,6 +31,8 @@ async def retire_expired(pool: AsyncConnectionPool) -> None:
     idle is retired by pool.check(), run here every few seconds."""
     while True:
         await asyncio.sleep(RETIRE_EVERY_SECONDS)
+        if pool.closed:
+            return
         await pool.check()  # replaces expired and broken idle connections
 
 
@@ -57,5 +59,5 @@ async def query_once(pool: AsyncConnectionPool) -> int:
 
 
 async def close_pool(pool: AsyncConnectionPool) -> None:
+    await pool.close()  # first: the retiring task then ends on its own
     _retire_tasks.pop(pool).cancel()
-    await pool.close()

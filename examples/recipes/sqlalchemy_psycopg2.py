@@ -6,6 +6,7 @@ PGSSLROOTCERT; the token from JWTPG_TOKEN_FILE, JWTPG_TOKEN_COMMAND or JWTPG_PRI
 """
 
 import os
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 
@@ -22,7 +23,7 @@ def open_pool() -> Engine:
     engine = create_engine("postgresql+psycopg2://", pool_recycle=POOL_RECYCLE_SECONDS)
 
     @event.listens_for(engine, "do_connect")
-    def provide_token(dialect, conn_rec, cargs, cparams):  # type: ignore[no-untyped-def]
+    def provide_token(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
         cparams["password"] = tokens.token()
 
     return engine

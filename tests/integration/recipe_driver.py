@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import importlib.util
 import inspect
 import itertools
@@ -125,6 +126,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--interval", type=float, default=0.05)
     args = parser.parse_args()
+    # A run that hangs shows where, and ends, instead of holding the test to its timeout.
+    faulthandler.dump_traceback_later(args.seconds + 45, exit=True)
     module = load(args.recipe)
     stats = Stats()
     stop = threading.Event()
