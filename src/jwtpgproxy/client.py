@@ -29,6 +29,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import os
 import re
 import shlex
@@ -82,6 +83,9 @@ _RSA = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 KEYGEN_ALGORITHMS = ("EdDSA", *_RSA, *_CURVES)
 #: RSA keys are generated at 3072 bits (NIST SP 800-57: 128-bit security).
 RSA_KEY_BITS = 3072
+#: After a failed refresh with a still-valid token in hand, try again after this long.
+RETRY_SECONDS = 5.0
+_log = logging.getLogger("jwtpgproxy.client")
 _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
 
 
@@ -201,6 +205,8 @@ class TokenSource(ABC):
         self._token: str | None = None
         self._valid_until = 0.0  # wall clock: reuse the cached token before this instant
         self._expires_at: float | None = None
+        #: The last refresh failure's text (names the source, never a token), if any.
+        self.last_error: str | None = None
 
     def __repr__(self) -> str:  # never the token
         return f"<{type(self).__name__} {self.description}>"
@@ -219,11 +225,33 @@ class TokenSource(ABC):
         return self._expires_at
 
     def token(self) -> str:
-        """A current token (blocking: may read a file, run a command or sign)."""
+        """A current token (blocking: may read a file, run a command or sign).
+
+        When a refresh fails while the cached token has not expired yet, that token is
+        returned (the failure is logged, and retried a few seconds later): a new
+        connection still works, and the refresh margin is there for exactly this. With no
+        unexpired token, the failure is raised as :class:`TokenSourceError`.
+        """
         with self._lock:
-            if self._token is not None and self._fresh(time.time()):
+            now = time.time()
+            if self._token is not None and self._fresh(now):
                 return self._token
-            return self._refresh()
+            try:
+                return self._refresh()
+            except TokenSourceError as exc:
+                self.last_error = str(exc)
+                left = None if self._expires_at is None else self._expires_at - now
+                if self._token is None or left is None or left <= 1:
+                    raise
+                retry = min(RETRY_SECONDS, left / 2)
+                _log.warning(
+                    "%s; using the current token (expires in %.0fs), retrying in %.0fs",
+                    exc,
+                    left,
+                    retry,
+                )
+                self._valid_until = now + retry
+                return self._token
 
     async def token_async(self) -> str:
         """A current token without blocking the event loop: the cached one at once, else
@@ -264,6 +292,7 @@ class TokenSource(ABC):
                 f"{self.description}: gave a token that expired {now - expires_at:.0f}s ago"
             )
         self.fetches += 1
+        self.last_error = None
         self._token, self._expires_at = token, expires_at
         if expires_at is None:
             self._valid_until = now + self.cache_seconds
@@ -298,6 +327,8 @@ class FileTokenSource(TokenSource):
         self._identity: tuple[int, int, int, int] | None = None
 
     def _fresh(self, now: float) -> bool:
+        if self.last_error is not None and now < self._valid_until:
+            return True  # the last read failed: keep the unexpired token until the retry
         try:
             st = os.stat(self.path)
         except OSError:

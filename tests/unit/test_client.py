@@ -208,6 +208,42 @@ def test_command_source_failure_names_command_and_redacts(tmp_path: Path) -> Non
     assert secret not in text and secret.split(".")[1] not in text
 
 
+def test_failed_refresh_keeps_an_unexpired_token_then_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Within the refresh margin a failing command does not break new connections while
+    the token in hand is still valid; once it has expired, the failure is raised."""
+    clock = Clock(monkeypatch)
+    flag = tmp_path / "fail"
+    argv = script(
+        tmp_path,
+        "import sys\nfrom pathlib import Path\n"
+        f"if Path({str(flag)!r}).exists():\n"
+        "    print('identity provider unavailable', file=sys.stderr); sys.exit(1)\n"
+        f"print({token(ttl=100)!r})\n",
+    )
+    source = CommandTokenSource(argv, refresh_margin=60)
+    start = clock.now
+    first = source.token()
+    flag.touch()
+    clock.now += 50  # within the margin: a refresh is due, and fails
+    with caplog.at_level("WARNING", logger="jwtpgproxy.client"):
+        assert source.token() == first
+    assert "identity provider unavailable" in caplog.text
+    assert first not in caplog.text
+    assert source.last_error is not None and "exited with status 1" in source.last_error
+    clock.now += 1  # retried only after a few seconds
+    assert source.token() == first
+    clock.now += 50  # expired: no token to fall back on
+    with pytest.raises(TokenSourceError, match="identity provider unavailable"):
+        source.token()
+    flag.unlink()
+    clock.now = start + 1
+    source.invalidate()
+    assert source.token() == first  # the command works again
+    assert source.last_error is None
+
+
 def test_command_source_timeout_and_bad_output(tmp_path: Path) -> None:
     slow = script(tmp_path, "import time\ntime.sleep(30)\n")
     started = time.monotonic()
