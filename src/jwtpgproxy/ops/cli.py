@@ -25,7 +25,13 @@ from typing import Any, TypeVar
 
 from ..auth.policy import is_numeric_date
 from ..auth.tokens import Identity
-from ..client import KEYGEN_ALGORITHMS
+from ..client import (
+    KEYGEN_ALGORITHMS,
+    CommandTokenSource,
+    FileTokenSource,
+    PrivateKeyTokenSource,
+    TokenSource,
+)
 from ..errors import ConfigError, TokenRejected, TokenSourceError
 
 PROG = "jwt-postgresql-proxy"
@@ -425,8 +431,6 @@ def write_pgpass(passfile: Path, fields: Sequence[str], token: str) -> None:
 
 
 def _pgpass(args: argparse.Namespace) -> int:
-    from ..client import CommandTokenSource, FileTokenSource, PrivateKeyTokenSource, TokenSource
-
     user = args.user or os.environ.get("PGUSER")
     if not user:
         raise ConfigError("--user (or PGUSER) is required: the entry's role")
@@ -454,6 +458,15 @@ def _pgpass(args: argparse.Namespace) -> int:
         source = CommandTokenSource(
             args.token_command, refresh_margin=60 if margin is None else margin
         )
+    try:
+        return _pgpass_loop(args, source, passfile, fields)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _pgpass_loop(
+    args: argparse.Namespace, source: TokenSource, passfile: Path, fields: list[str]
+) -> int:
     written: str | None = None
     failures = 0
     while True:
