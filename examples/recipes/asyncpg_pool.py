@@ -21,7 +21,12 @@ _expiry_tasks: dict[asyncpg.Pool, asyncio.Task[None]] = {}
 
 
 async def open_pool() -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(password=tokens.token_async, min_size=1, max_size=4)
+    pool = await asyncpg.create_pool(
+        password=tokens.token_async,  # called (and awaited) for each new connection
+        max_inactive_connection_lifetime=EXPIRE_EVERY_SECONDS,  # idle ones: closed on time
+        min_size=1,
+        max_size=4,
+    )
     # Keep a reference: the event loop holds tasks only weakly.
     _expiry_tasks[pool] = asyncio.create_task(expire_connections(pool))
     return pool
