@@ -39,7 +39,7 @@ RECIPES = REPO / "examples" / "recipes"
 HERE = Path(__file__).resolve().parent
 TTL = 6  # token lifetime, seconds
 MARGIN = 4  # refresh margin: a new connection's token has at least this long left
-LIFETIME = 2  # pool recycle / max lifetime, below MARGIN
+LIFETIME = 1.5  # pool recycle / max lifetime, below MARGIN (the slack absorbs slow connects)
 RUN_SECONDS = 18.5  # at least three token lifetimes
 USER = "scram_user"
 MODES = ("expiry-off", "expiry-on")
@@ -47,7 +47,7 @@ PYTHON_RECIPES = {
     # recipe file: the token source it is run with
     "sqlalchemy_psycopg.py": "key",
     "sqlalchemy_psycopg2.py": "file",
-    "psycopg_pool_sync.py": "command",
+    "psycopg_pool_sync.py": "cat",
     "psycopg_pool_async.py": "key",
     "asyncpg_pool.py": "command",
 }
@@ -78,6 +78,9 @@ class Setup:
             "key": {"JWTPG_PRIVATE_KEY": str(self.private_key), "JWTPG_TTL": str(TTL)},
             "file": {"JWTPG_TOKEN_FILE": str(self.token_file)},
             "command": {"JWTPG_TOKEN_COMMAND": self.token_command()},
+            # Any command that prints a token; this one reads the sidecar-refreshed file
+            # and costs no interpreter start-up per token.
+            "cat": {"JWTPG_TOKEN_COMMAND": f"cat {self.token_file}"},
         }
         return {
             **base,
@@ -188,11 +191,7 @@ def run_node(setup: Setup, mode: str) -> dict[str, Any]:
     modules = node_modules()
     if modules is None:
         return {"skipped": "npm/node not installed (Debian: apt-get install nodejs npm)"}
-    # The command here reads the sidecar-refreshed token file: any command that prints a
-    # token will do, and this one costs no interpreter start-up per token.
-    env = setup.env(
-        mode, "command", NODE_PATH=str(modules), JWTPG_TOKEN_COMMAND=f"cat {setup.token_file}"
-    )
+    env = setup.env(mode, "cat", NODE_PATH=str(modules))
     argv = ["node", str(HERE / "recipe_driver.js"), str(RECIPES / "node_pg_pool.js")]
     return run_driver([*argv, str(RUN_SECONDS), "2", "0.2"], env)
 
