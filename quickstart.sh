@@ -40,7 +40,7 @@ proxy_cli=.venv/bin/jwt-postgresql-proxy
 
 echo "=== 3. Signing key pair and the proxy's TLS certificate"
 if [ ! -f "$state/signing-private.pem" ]; then
-  "$proxy_cli" keygen --type ed25519 \
+  "$proxy_cli" keygen --type ed25519 --force \
     --private-key "$state/signing-private.pem" --public-key "$state/signing-public.pem"
 fi
 if [ ! -f "$state/proxy.crt" ]; then

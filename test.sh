@@ -111,6 +111,23 @@ else
     echo "haproxy not available (not root, or no apt-get): test_scaleout.py will be skipped"
 fi
 
+# --- node (for the node-postgres recipe test) -----------------------------------
+# tests/integration/test_recipes.py installs the npm package `pg` into a cache directory
+# itself; it needs node and npm, and skips that one recipe (saying why) without them.
+section node
+if ! command -v npm >/dev/null && [[ "${INSTALL_NODE:-1}" != 0 ]] && [[ $EUID -eq 0 ]] \
+    && command -v apt-get >/dev/null; then
+    echo "npm not found; installing nodejs and npm (INSTALL_NODE=0 skips this)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; } \
+        || echo "could not install nodejs/npm: the node-postgres recipe test will be skipped"
+fi
+if command -v npm >/dev/null; then
+    echo "node $(node --version 2>/dev/null || echo '?'), npm $(npm --version 2>/dev/null || echo '?')"
+else
+    echo "npm not found: the node-postgres recipe test will be skipped"
+fi
+
 # --- lint ----------------------------------------------------------------------
 if [[ "${RUN_LINT:-1}" != 0 ]]; then
     section "lint: ruff check src tests"

@@ -8,6 +8,7 @@ of the ``jwtpgproxy_logins`` metric. The split under it mirrors h11's Local/Remo
     Error
     ├── ConfigError                    a setting is missing or unusable (start-up, reload)
     │   └── JwksError                  a JWKS or discovery document cannot be fetched or used
+    ├── TokenSourceError               client side (jwtpgproxy.client): no current token
     └── ProxyError                     ends a session; SQLSTATE XX000 unless a subclass says
         ├── WireError                  malformed or oversized protocol bytes (sans-IO codec)
         │   └── MessageTooLarge        a length word beyond its cap
@@ -311,3 +312,13 @@ class UpstreamErrorResponse(UpstreamError):
         relayed["C"] = self.sqlstate
         relayed["M"] = self.client_message
         return relayed
+
+
+# --- Client library ------------------------------------------------------------------------
+
+
+class TokenSourceError(Error):
+    """A client-side token source (:mod:`jwtpgproxy.client`) could not give a current token.
+
+    The text names the source (a file path, a command's name, a key file) and the reason;
+    it never contains a token."""

@@ -202,3 +202,113 @@ def test_tune_malloc_applies_on_glibc() -> None:
     from jwtpgproxy.ops.cli import tune_malloc
 
     assert tune_malloc() is True
+
+
+# --- keygen never writes through an existing file or a symlink (issue 13 item 7) -------------
+
+
+def test_keygen_refuses_existing_private_key_file(tmp_path: Path) -> None:
+    """An existing (world-readable) file is neither reused with its mode nor overwritten."""
+    private, public = tmp_path / "k", tmp_path / "k.pub"
+    private.write_text("old contents\n")
+    private.chmod(0o644)
+    code = main(["keygen", "--private-key", str(private), "--public-key", str(public)])
+    assert code != 0
+    assert private.read_text() == "old contents\n"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o644
+    assert not public.exists()
+
+
+def test_keygen_does_not_follow_symlinks(tmp_path: Path) -> None:
+    """A symlink planted where the private key goes must not redirect the key elsewhere."""
+    target = tmp_path / "elsewhere"
+    target.write_text("victim\n")
+    target.chmod(0o644)
+    private, public = tmp_path / "k", tmp_path / "k.pub"
+    private.symlink_to(target)
+    code = main(["keygen", "--private-key", str(private), "--public-key", str(public)])
+    assert code != 0
+    assert target.read_text() == "victim\n"
+    assert private.is_symlink()
+    # A dangling symlink is not followed either (O_CREAT would create its target).
+    dangling_target = tmp_path / "created-by-keygen"
+    private2 = tmp_path / "k2"
+    private2.symlink_to(dangling_target)
+    assert main(["keygen", "--private-key", str(private2), "--public-key", str(public)]) != 0
+    assert not dangling_target.exists()
+
+
+def test_keygen_public_key_symlink_not_followed(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.pub"
+    target.write_text("victim\n")
+    private, public = tmp_path / "k", tmp_path / "k.pub"
+    public.symlink_to(target)
+    assert main(["keygen", "--private-key", str(private), "--public-key", str(public)]) != 0
+    assert target.read_text() == "victim\n"
+    # Nothing half-written is left behind.
+    assert not private.exists()
+
+
+@pytest.mark.parametrize("alg", ["EdDSA", "RS256", "PS384", "ES256", "ES384", "ES512"])
+def test_keygen_alg_out(tmp_path: Path, capsys: pytest.CaptureFixture[str], alg: str) -> None:
+    """keygen --alg names keys by the same JWS algorithms as `token --alg`."""
+    out = tmp_path / "keys"
+    assert main(["keygen", "--alg", alg, "--out", str(out)]) == 0
+    private, public = out / "private.pem", out / "public.pem"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    key = load_verification_key(public.read_text(), name="k")
+    assert alg in key.algorithms
+    token = mint(capsys, "--key", str(private), "--sub", "alice", "--alg", alg)
+    assert TokenVerifier([key], TokenPolicy()).verify(token, "alice").algorithm == alg
+
+
+def test_keygen_private_key_mode_ignores_umask(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0)
+    try:
+        assert main(["keygen", "--out", str(tmp_path)]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "private.pem").stat().st_mode) == 0o600
+
+
+def test_keygen_out_refuses_existing_and_force_replaces_link_not_target(tmp_path: Path) -> None:
+    assert main(["keygen", "--out", str(tmp_path)]) == 0
+    first = (tmp_path / "private.pem").read_bytes()
+    assert main(["keygen", "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "private.pem").read_bytes() == first
+    target = tmp_path / "victim"
+    target.write_text("victim\n")
+    (tmp_path / "private.pem").unlink()
+    (tmp_path / "private.pem").symlink_to(target)
+    assert main(["keygen", "--alg", "ES256", "--out", str(tmp_path), "--force"]) == 0
+    assert target.read_text() == "victim\n"
+    assert not (tmp_path / "private.pem").is_symlink()
+    assert stat.S_IMODE((tmp_path / "private.pem").stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["keygen"],
+        ["keygen", "--private-key", "x"],
+        ["keygen", "--alg", "EdDSA", "--type", "rsa", "--out", "d"],
+        ["keygen", "--out", "d", "--private-key", "x"],
+    ],
+)
+def test_keygen_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(args) == 2
+    finally:
+        os.chdir(cwd)
+    assert "configuration error" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing created
