@@ -31,7 +31,8 @@ of the ``jwtpgproxy_logins`` metric. The split under it mirrors h11's Local/Remo
             ├── UpstreamUnavailable              TCP, TLS, timeout, or upstream hung up
             ├── UpstreamProtocolError      08P01  (WireError from upstream, re-raised)
             ├── UpstreamAuthenticationFailed 28000  the proxy's own login was refused
-            │   └── ScramError                   the SCRAM exchange with upstream failed
+            │   ├── ScramError                   the SCRAM exchange with upstream failed
+            │   └── UpstreamAuthMethodRefused    a method UPSTREAM__REQUIRE_AUTH refuses
             └── UpstreamErrorResponse      (upstream's own SQLSTATE) relayed login error
 
 Errors become bytes in one place: :func:`jwtpgproxy.proxy.session.Session` sends
@@ -282,6 +283,29 @@ class ScramError(UpstreamAuthenticationFailed):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"SCRAM exchange with upstream failed: {reason}")
+
+
+class UpstreamAuthMethodRefused(UpstreamAuthenticationFailed):
+    """Upstream asked for an authentication method the proxy is not allowed to use there
+    (libpq's ``require_auth``): cleartext ``password`` or ``none`` (trust) over a connection
+    a man in the middle could sit on. Nothing was sent: no password, no query."""
+
+    metric_reason = "upstream_auth_method_refused"
+    client_message = (
+        "the upstream PostgreSQL server asked for an authentication method "
+        "the proxy is configured to refuse"
+    )
+
+    def __init__(self, method: str, allowed: list[str]) -> None:
+        # The one setting that decides it is named here (the log line is read by the
+        # operator, who can allow the method there if the path to upstream is trusted).
+        super().__init__(
+            f"upstream asked for authentication method {method}, which UPSTREAM__REQUIRE_AUTH "
+            f"does not allow (allowed: {','.join(allowed)}); use UPSTREAM__SSLMODE=verify-full "
+            f"or a Unix socket, or add {method} to UPSTREAM__REQUIRE_AUTH if the path to "
+            "upstream is trusted"
+        )
+        self.method = method
 
 
 class UpstreamErrorResponse(UpstreamError):

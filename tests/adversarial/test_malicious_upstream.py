@@ -354,9 +354,20 @@ def upstream() -> Iterator[FakeUpstream]:
     assert not fake.errors, fake.errors
 
 
-def _proxy(tmp: Path, signer: KeyPair, upstream: FakeUpstream, timeout: str = "3") -> ProxyProcess:
+def _proxy(
+    tmp: Path,
+    signer: KeyPair,
+    upstream: FakeUpstream,
+    timeout: str = "3",
+    require_auth: str | None = "md5,scram-sha-256,none",
+) -> ProxyProcess:
+    # The fake answers most scenarios after "trust" (AuthenticationOk at once), which the
+    # default UPSTREAM__REQUIRE_AUTH refuses over an unverified path: allow it here, except
+    # where a test checks that default (require_auth=None).
+    extra = {} if require_auth is None else {"UPSTREAM__REQUIRE_AUTH": require_auth}
     return ProxyProcess(
         {
+            **extra,
             "PUBLIC_KEYS__0": signer.public_pem,
             "UPSTREAM__HOST": "127.0.0.1",
             "UPSTREAM__PORT": str(upstream.port),
@@ -515,3 +526,29 @@ def test_many_small_login_messages_do_not_grow_memory(
     cap) -- refuse with 08P01 -- rather than hold it all in memory."""
     _, growth = _memory_case(tmp_path, signer, upstream, scenario)
     assert growth < 100 * 1024
+
+
+def test_man_in_the_middle_gets_no_cleartext_password_by_default(
+    tmp_path: Path, signer: KeyPair, upstream: FakeUpstream
+) -> None:
+    """The classic downgrade with the default settings (UPSTREAM__SSLMODE=prefer): the man
+    in the middle answers the SSLRequest with N, then asks for the password in clear. The
+    proxy must refuse before sending it; and a "trust" answer must get no query either."""
+    received: list[bytes] = []
+
+    def ask_cleartext(c: Conn) -> None:
+        c.startup()
+        c.send(wire.authentication(wire.AUTH_CLEARTEXT_PASSWORD))
+        with contextlib.suppress(OSError, ConnectionError, struct.error):
+            received.append(c.read_typed()[1])
+
+    with _proxy(tmp_path, signer, upstream, require_auth=None) as proxy:
+        upstream.scenario = ask_cleartext
+        error = assert_clean_fatal(login(proxy, signer), "28000")
+        assert "configured to refuse" in error["M"]
+        assert all(PASSWORD.encode() not in body for body in received), received
+        upstream.scenario = trust
+        result = login(proxy, signer)
+        assert result.tags == [b"R", b"E"], result.messages
+        assert result.error() is not None and result.error()["C"] == "28000"
+        assert "UPSTREAM__REQUIRE_AUTH" in proxy.log()

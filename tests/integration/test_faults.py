@@ -336,6 +336,8 @@ def test_1000_concurrent_clients(
         LOG_LEVEL="INFO",
         UPSTREAM__SSLMODE="disable",
         UPSTREAM__SSLROOTCERT=None,
+        # trust over plaintext: the loopback test server is trusted, so say so.
+        UPSTREAM__REQUIRE_AUTH="none",
         AUTHENTICATION_TIMEOUT="120",
         MAX_CLIENT_CONNECTIONS="2000",
         MAX_PENDING_LOGINS="2000",

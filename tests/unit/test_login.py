@@ -16,14 +16,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jwtpgproxy.errors import (
+    ConfigError,
     UpstreamAuthenticationFailed,
+    UpstreamAuthMethodRefused,
     UpstreamError,
     UpstreamErrorResponse,
     UpstreamProtocolError,
 )
 from jwtpgproxy.protocol import wire
 from jwtpgproxy.protocol.login import (
+    ALL_AUTH_METHODS,
     MAX_LOGIN_MESSAGE_LENGTH,
+    AuthMethod,
     ChannelBindingPolicy,
     LoginComplete,
     NeedData,
@@ -31,6 +35,7 @@ from jwtpgproxy.protocol.login import (
     Send,
     UpstreamLogin,
     md5_password,
+    parse_require_auth,
 )
 
 R_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
@@ -613,3 +618,76 @@ def test_fuzz_only_upstream_errors(chunks: list[bytes], policy: ChannelBindingPo
         if isinstance(event, LoginComplete):
             return
         assert isinstance(event, NeedData | Send)
+
+
+# --- require_auth (libpq syntax) ------------------------------------------------------------
+
+SAFE = frozenset({AuthMethod.MD5, AuthMethod.SCRAM_SHA_256})
+
+
+@pytest.mark.parametrize(
+    ("text", "allowed"),
+    [
+        ("", ALL_AUTH_METHODS),
+        ("password", {AuthMethod.PASSWORD}),
+        ("scram-sha-256, md5", {AuthMethod.SCRAM_SHA_256, AuthMethod.MD5}),
+        ("!password,!none", ALL_AUTH_METHODS - {AuthMethod.PASSWORD, AuthMethod.NONE}),
+        ("none", {AuthMethod.NONE}),
+    ],
+)
+def test_parse_require_auth(text: str, allowed: set[AuthMethod]) -> None:
+    assert parse_require_auth(text) == allowed
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("password,!md5", "mixed"),
+        ("!md5,password", "mixed"),
+        ("md5,md5", "more than once"),
+        ("kerberos", "invalid method"),
+        ("scram", "invalid method"),
+        ("!password,!md5,!gss,!sspi,!scram-sha-256,!oauth,!none", "no method"),
+    ],
+)
+def test_parse_require_auth_errors(text: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=why) as info:
+        parse_require_auth(text)
+    assert info.value.setting == "require_auth"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "method"),
+    [
+        (wire.authentication(3), "password"),
+        (R_OK + READY, "none"),
+        (wire.authentication(5, b"salt"), "md5"),
+    ],
+)
+def test_require_auth_refuses_method_before_sending_anything(
+    request_bytes: bytes, method: str
+) -> None:
+    allowed = ALL_AUTH_METHODS - {AuthMethod(method)}
+    machine = login(require_auth=allowed)
+    with pytest.raises(UpstreamAuthMethodRefused) as info:
+        feed(machine, request_bytes)
+    exc = info.value
+    assert exc.method == method
+    assert exc.sqlstate == "28000"  # not 28P01: the client's token was fine
+    assert "UPSTREAM__REQUIRE_AUTH" in exc.reason
+    assert "UPSTREAM__REQUIRE_AUTH" not in exc.client_message
+    assert PASSWORD not in exc.reason
+    assert machine.phase is Phase.FAILED
+
+
+def test_require_auth_refuses_scram() -> None:
+    with pytest.raises(UpstreamAuthMethodRefused):
+        feed(login(require_auth=frozenset({AuthMethod.MD5})), sasl_request("SCRAM-SHA-256"))
+
+
+def test_require_auth_allows_listed_methods() -> None:
+    machine = login(require_auth=SAFE)
+    event = feed(machine, sasl_request("SCRAM-SHA-256"))
+    assert isinstance(event, Send)
+    machine = login(require_auth=SAFE)
+    assert isinstance(feed(machine, wire.authentication(5, b"salt")), Send)

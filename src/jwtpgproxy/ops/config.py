@@ -45,7 +45,12 @@ from ..auth.tokens import (
 from ..errors import ConfigError
 from ..logs import event
 from ..protocol.frontend import DownstreamSSLMode
-from ..protocol.login import ChannelBindingPolicy
+from ..protocol.login import (
+    ALL_AUTH_METHODS,
+    AuthMethod,
+    ChannelBindingPolicy,
+    parse_require_auth,
+)
 from ..proxy.connection import Keepalive
 from ..proxy.runtime import Downstream, Limits, Runtime
 from ..proxy.upstream import UpstreamSSLMode, UpstreamTarget
@@ -67,6 +72,9 @@ class UpstreamSettings(_Section):
     channel_binding: ChannelBindingPolicy = ChannelBindingPolicy.PREFER
     connect_timeout: float = Field(default=10.0, gt=0, le=600)
     allow_replication: bool = False
+    #: libpq's require_auth; unset: everything but password and none, unless the
+    #: connection is verified TLS or a Unix socket (see upstream_require_auth()).
+    require_auth: str | None = None
 
 
 class DownstreamSettings(_Section):
@@ -245,14 +253,47 @@ def _downstream_ssl_context(settings: DownstreamSettings) -> ssl.SSLContext | No
     return context
 
 
+#: ``UPSTREAM__SSLROOTCERT=system``: the system's trusted CAs (libpq 16), which forces
+#: verify-full: with the public CAs any certificate for any name would pass verify-ca.
+SSLROOTCERT_SYSTEM = "system"
+
+
+def _system_roots(settings: UpstreamSettings) -> bool:
+    return settings.sslrootcert is not None and str(settings.sslrootcert) == SSLROOTCERT_SYSTEM
+
+
+def upstream_sslmode(settings: UpstreamSettings) -> UpstreamSSLMode:
+    """The sslmode in force, checked as libpq does (libpq docs 34.19.1).
+
+    ``sslrootcert=system`` makes verify-full the default and any weaker mode given
+    explicitly an error; verify-ca needs a root certificate file, since against the public
+    CAs without host-name checking any publicly trusted certificate would pass."""
+    mode = settings.sslmode
+    if _system_roots(settings):
+        if "sslmode" not in settings.model_fields_set:
+            return UpstreamSSLMode.VERIFY_FULL
+        if mode is not UpstreamSSLMode.VERIFY_FULL:
+            raise ConfigError(
+                f"UPSTREAM__SSLMODE: {mode.value} may not be used with "
+                "UPSTREAM__SSLROOTCERT=system (use verify-full)"
+            )
+    elif mode is UpstreamSSLMode.VERIFY_CA and settings.sslrootcert is None:
+        raise ConfigError(
+            "UPSTREAM__SSLROOTCERT: required with UPSTREAM__SSLMODE=verify-ca (a CA file; "
+            "for the system CAs use UPSTREAM__SSLROOTCERT=system, which checks host names)"
+        )
+    return mode
+
+
 def upstream_ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | None:
     """An SSLContext implementing libpq's sslmode semantics for the upstream connection.
 
     allow/prefer/require encrypt without verifying -- except that "require" with a root
-    certificate behaves like verify-ca, as in libpq (libpq docs 34.19.1). verify-ca and
-    verify-full use UPSTREAM__SSLROOTCERT, or the system CAs when it is not set.
+    certificate behaves like verify-ca, as in libpq (libpq docs 34.19.1). verify-ca uses
+    UPSTREAM__SSLROOTCERT; verify-full uses it or, when it is unset or ``system``, the
+    system CAs.
     """
-    mode = settings.sslmode
+    mode = upstream_sslmode(settings)
     if mode is UpstreamSSLMode.DISABLE:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -266,13 +307,62 @@ def upstream_ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | None:
         return context
     context.verify_mode = ssl.CERT_REQUIRED
     try:
-        if settings.sslrootcert is not None:
+        if settings.sslrootcert is not None and not _system_roots(settings):
             context.load_verify_locations(cafile=str(settings.sslrootcert))
         else:
             context.load_default_certs()
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"UPSTREAM__SSLROOTCERT: cannot load CA certificates ({exc})") from None
     return context
+
+
+def _tls_verified(settings: UpstreamSettings, mode: UpstreamSSLMode) -> bool:
+    """Whether upstream's certificate is checked against a CA (libpq verify-ca or
+    stricter; "require" with a root certificate is verify-ca, as in libpq)."""
+    return mode in (UpstreamSSLMode.VERIFY_CA, UpstreamSSLMode.VERIFY_FULL) or (
+        mode is UpstreamSSLMode.REQUIRE and settings.sslrootcert is not None
+    )
+
+
+def upstream_require_auth(settings: UpstreamSettings) -> frozenset[AuthMethod]:
+    """UPSTREAM__REQUIRE_AUTH, or its default.
+
+    The default refuses ``password`` (the proxy's password in clear to whoever answers)
+    and ``none`` (trust: every query to whoever answers) unless upstream is a Unix socket
+    or TLS with a verified certificate -- where nobody can sit in the middle."""
+    if settings.require_auth is not None and settings.require_auth.strip():
+        try:
+            return parse_require_auth(settings.require_auth)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, setting="UPSTREAM__REQUIRE_AUTH") from None
+    if settings.host.startswith("/") or _tls_verified(settings, upstream_sslmode(settings)):
+        return ALL_AUTH_METHODS
+    return ALL_AUTH_METHODS - {AuthMethod.PASSWORD, AuthMethod.NONE}
+
+
+def _is_local(host: str) -> bool:
+    if host.startswith("/") or host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_upstream_interceptable(settings: UpstreamSettings) -> None:
+    """Start-up warning: over the network without verify-full, whoever sits between the
+    proxy and upstream can relay the proxy's login -- the one password that opens every
+    role -- to the real server, or (below verify-ca) read it."""
+    mode = upstream_sslmode(settings)
+    if not _is_local(settings.host) and mode is not UpstreamSSLMode.VERIFY_FULL:
+        event(
+            log,
+            WARNING,
+            "upstream connection can be intercepted: the proxy's login to upstream can be "
+            "relayed by anyone in the middle; set UPSTREAM__SSLMODE=verify-full",
+            upstream=settings.host,
+            sslmode=mode.value,
+        )
 
 
 def _key_order(index: str) -> tuple[int, str]:
@@ -455,9 +545,10 @@ def build_runtime(
 def upstream_target(settings: Settings) -> UpstreamTarget:
     """Where and how to reach upstream (also used by the worker supervisor's /readyz)."""
     up = settings.upstream
-    if up.sslrootcert is not None and not up.sslrootcert.is_file():
+    if up.sslrootcert is not None and not _system_roots(up) and not up.sslrootcert.is_file():
         raise ConfigError(f"UPSTREAM__SSLROOTCERT: file not found: {up.sslrootcert}")
-    if up.channel_binding is ChannelBindingPolicy.REQUIRE and up.sslmode in (
+    sslmode = upstream_sslmode(up)
+    if up.channel_binding is ChannelBindingPolicy.REQUIRE and sslmode in (
         UpstreamSSLMode.DISABLE,
         UpstreamSSLMode.ALLOW,
         UpstreamSSLMode.PREFER,
@@ -469,13 +560,14 @@ def upstream_target(settings: Settings) -> UpstreamTarget:
         host=up.host,
         port=up.port,
         password=up.password.get_secret_value(),
-        sslmode=up.sslmode,
+        sslmode=sslmode,
         ssl_context=upstream_ssl_context(up),
         channel_binding=up.channel_binding,
         connect_timeout=up.connect_timeout,
         keepalive=Keepalive(
             settings.keepalive.idle, settings.keepalive.interval, settings.keepalive.count
         ),
+        require_auth=upstream_require_auth(up),
     )
 
 
@@ -516,6 +608,7 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Config
     JWKS source fetched and refreshing in the background until the block ends. Raise
     ConfigError naming the variable: a proxy that cannot verify any token does not start."""
     settings = load_settings() if settings is None else settings
+    warn_if_upstream_interceptable(settings.upstream)
     key_source = _jwks_source(settings)
     revocation = _revocation_file(settings)
     if key_source is not None:

@@ -27,7 +27,7 @@ from ..errors import (
 )
 from ..protocol import login as login_sm
 from ..protocol import wire
-from ..protocol.login import ChannelBindingPolicy
+from ..protocol.login import ALL_AUTH_METHODS, AuthMethod, ChannelBindingPolicy
 from .connection import HandshakeProtocol, Keepalive
 
 
@@ -54,6 +54,8 @@ class UpstreamTarget:
     channel_binding: ChannelBindingPolicy
     connect_timeout: float
     keepalive: Keepalive
+    #: The authentication methods upstream may use (libpq's require_auth).
+    require_auth: frozenset[AuthMethod] = ALL_AUTH_METHODS
 
 
 _TLS_REQUIRED = frozenset(
@@ -111,6 +113,7 @@ async def _attempt(
             channel_binding=target.channel_binding,
             tls_server_end_point=binding,
             protocol_minor=protocol_minor,
+            require_auth=target.require_auth,
         )
         protocol.write(machine.startup_bytes())
         while True:
