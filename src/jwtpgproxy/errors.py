@@ -309,29 +309,51 @@ class UpstreamAuthMethodRefused(UpstreamAuthenticationFailed):
 
 
 class UpstreamErrorResponse(UpstreamError):
-    """Upstream refused the login with an ErrorResponse that is safe to relay.
+    """Upstream refused the login with an ErrorResponse; the client gets part of it.
 
     E.g. database does not exist (3D000), too many connections (53300), role may not log in.
+    Only severity, SQLSTATE and message reach the client (an allow-list): upstream's DETAIL,
+    HINT, WHERE, schema/table names and source location describe the server and the proxy's
+    place in its configuration, not the client's problem -- they go to the log, in
+    ``reason``. For authentication-class errors (SQLSTATE class 28), whose messages name the
+    proxy's address and pg_hba.conf rules (``no pg_hba.conf entry for host "10.0.0.5"...``),
+    even the message is replaced by a generic one.
     """
 
+    #: The fields relayed to the client (55.8 "Error and Notice Message Fields").
+    RELAYED_FIELDS = frozenset({"S", "V", "C", "M"})
+    #: Longest log rendering of one of upstream's fields.
+    _LOG_FIELD_CHARS = 500
+
     def __init__(self, fields: Mapping[str, str]) -> None:
-        message = fields.get("M", "upstream error")
-        super().__init__(f"upstream refused login: {fields.get('C', '?????')} {message}")
-        self.fields = dict(fields)
         code = fields.get("C", "")
+        message = fields.get("M", "upstream error")
+        kept = " ".join(
+            f"{name}={value[: self._LOG_FIELD_CHARS]!r}"
+            for name, value in fields.items()
+            if name not in {"S", "V", "C", "M"}
+        )
+        super().__init__(
+            f"upstream refused login: {code or '?????'} {message}" + (f" [{kept}]" if kept else "")
+        )
+        self.fields = dict(fields)
         # A SQLSTATE is five characters of [0-9A-Z]; anything else is replaced.
         self.sqlstate = code if _SQLSTATE.fullmatch(code) else INTERNAL_ERROR
-        self.severity = fields.get("S", "FATAL")
-        self.client_message = message
+        # Login errors are FATAL (the connection ends); anything else a server sends in S
+        # is not relayed as if it meant something.
+        severity = fields.get("S", "FATAL")
+        self.severity = severity if severity in {"ERROR", "FATAL", "PANIC"} else "FATAL"
+        if self.sqlstate.startswith("28"):
+            self.client_message = "the upstream PostgreSQL server refused the proxy's login"
+        else:
+            self.client_message = message
 
     def client_fields(self, user: str | None = None) -> dict[str, str]:
-        # Relay what the server said, minus fields that could leak server internals
-        # (file, line, routine) -- they describe upstream's source code, not the client's
-        # problem. S, V, C and M are always present in an ErrorResponse (55.8); a server
-        # that leaves one out still yields a well-formed FATAL for the client.
-        relayed = {k: v for k, v in self.fields.items() if k not in {"F", "L", "R"}}
-        relayed["S"] = self.severity
-        relayed["V"] = self.fields.get("V", self.severity)
-        relayed["C"] = self.sqlstate
-        relayed["M"] = self.client_message
-        return relayed
+        # S, V, C and M are always present in an ErrorResponse (55.8); a server that leaves
+        # one out still yields a well-formed FATAL for the client.
+        return {
+            "S": self.severity,
+            "V": self.severity,
+            "C": self.sqlstate,
+            "M": self.client_message,
+        }

@@ -552,3 +552,41 @@ def test_man_in_the_middle_gets_no_cleartext_password_by_default(
         assert result.tags == [b"R", b"E"], result.messages
         assert result.error() is not None and result.error()["C"] == "28000"
         assert "UPSTREAM__REQUIRE_AUTH" in proxy.log()
+
+
+@pytest.mark.parametrize("sqlstate", ["28000", "53300"])
+def test_login_error_details_are_not_relayed(
+    sqlstate: str, proxy: ProxyProcess, signer: KeyPair, upstream: FakeUpstream
+) -> None:
+    """Upstream's ErrorResponse during login carries DETAIL, HINT, WHERE and, for class 28,
+    a message naming the proxy's address and pg_hba rules: the client gets severity,
+    SQLSTATE and message only (for 28xxx a generic message); the log keeps everything."""
+    message = f'no pg_hba.conf entry for host "10.9.8.7" {MARKER.decode()}'
+
+    def refuse(c: Conn) -> None:
+        c.startup()
+        fields = {
+            "S": "FATAL",
+            "V": "FATAL",
+            "C": sqlstate,
+            "M": message,
+            "D": "DETAIL-" + MARKER.decode(),
+            "H": "HINT-" + MARKER.decode(),
+            "W": "WHERE-" + MARKER.decode(),
+        }
+        c.send(wire.error_response(fields))
+
+    upstream.scenario = refuse
+    result = login(proxy, signer)
+    error = result.error()
+    assert error is not None
+    assert set(error) == {"S", "V", "C", "M"}, error
+    assert error["C"] == sqlstate
+    if sqlstate.startswith("28"):
+        assert_clean_fatal(result, sqlstate)  # no marker, no address
+        assert "10.9.8.7" not in error["M"]
+    else:
+        assert error["M"] == message
+    time.sleep(0.2)
+    assert "DETAIL-" + MARKER.decode() in proxy.log()
+    assert_still_serving(proxy, signer, upstream)

@@ -691,3 +691,61 @@ def test_require_auth_allows_listed_methods() -> None:
     assert isinstance(event, Send)
     machine = login(require_auth=SAFE)
     assert isinstance(feed(machine, wire.authentication(5, b"salt")), Send)
+
+
+# --- What of upstream's login errors reaches the client (issue 13, item 3) ------------------
+
+LEAKY = {
+    "S": "FATAL",
+    "V": "FATAL",
+    "C": "53300",
+    "M": "remaining connection slots are reserved for roles with the SUPERUSER attribute",
+    "D": "proxy-internal detail: host 10.9.8.7",
+    "H": "hint naming /etc/postgresql/pg_hba.conf",
+    "W": "PL/pgSQL function check_login() line 3",
+    "s": "internal_schema",
+    "t": "secret_table",
+    "F": "postinit.c",
+    "L": "1030",
+    "R": "InitPostgres",
+}
+
+
+def test_login_error_relays_only_severity_sqlstate_message() -> None:
+    with pytest.raises(UpstreamErrorResponse) as info:
+        feed(login(), R_OK + error(LEAKY))
+    exc = info.value
+    assert exc.client_fields() == {
+        "S": "FATAL",
+        "V": "FATAL",
+        "C": "53300",
+        "M": LEAKY["M"],
+    }
+    # ... and the rest goes to the log (the error's reason).
+    for name in ("D", "H", "W", "s", "t"):
+        assert LEAKY[name] in exc.reason
+
+
+def test_login_error_of_class_28_gets_a_generic_message() -> None:
+    fields = {
+        "S": "FATAL",
+        "V": "FATAL",
+        "C": "28000",
+        "M": 'no pg_hba.conf entry for host "10.9.8.7", user "alice", database "db", no encryption',
+    }
+    with pytest.raises(UpstreamErrorResponse) as info:
+        feed(login(), error(fields))
+    exc = info.value
+    assert exc.sqlstate == "28000"  # kept: sslmode=allow retries with TLS on it
+    client = exc.client_fields()
+    assert "10.9.8.7" not in str(client)
+    assert "pg_hba" not in str(client)
+    assert client["C"] == "28000"
+    assert "10.9.8.7" in exc.reason  # the operator still sees upstream's words
+
+
+def test_login_error_odd_severity_becomes_fatal() -> None:
+    with pytest.raises(UpstreamErrorResponse) as info:
+        feed(login(), error({"S": "HELLO\x1b[2J", "V": "x", "C": "53300", "M": "m"}))
+    assert info.value.client_fields()["S"] == "FATAL"
+    assert info.value.client_fields()["V"] == "FATAL"
