@@ -22,7 +22,7 @@ of the ``jwtpgproxy_logins`` metric. The split under it mirrors h11's Local/Remo
         │   ├── InvalidAuthorization         28000  a startup packet asking for what we refuse
         │   │   └── EncryptionRequired       28000  plaintext while TLS is required
         │   ├── TooManyConnections           53300
-        │   └── HandshakeTimeout             08P01  login not done within the deadline
+        │   └── HandshakeTimeout             57014  login not done within the deadline
         ├── SessionEnded                   57P01  the proxy ends the session itself
         │   ├── ServerShuttingDown               shutdown before the session was spliced
         │   ├── TokenExpired                     TOKEN__END_SESSIONS_ON_EXPIRY
@@ -54,6 +54,7 @@ INVALID_AUTHORIZATION_SPECIFICATION = "28000"
 FEATURE_NOT_SUPPORTED = "0A000"
 TOO_MANY_CONNECTIONS = "53300"
 ADMIN_SHUTDOWN = "57P01"
+QUERY_CANCELED = "57014"
 INTERNAL_ERROR = "XX000"
 _SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 
@@ -211,8 +212,12 @@ class TooManyConnections(ClientError):
 
 
 class HandshakeTimeout(ClientError):
+    """Login not done within AUTHENTICATION_TIMEOUT: PostgreSQL's own answer is FATAL
+    57014 "canceling authentication due to timeout" (postmaster's StartupPacketTimeout /
+    authentication_timeout handling), so drivers treat it alike."""
+
     metric_reason = "timeout"
-    sqlstate = PROTOCOL_VIOLATION
+    sqlstate = QUERY_CANCELED
     client_message = "canceling authentication due to timeout"
 
 
