@@ -360,6 +360,7 @@ def _proxy(
     upstream: FakeUpstream,
     timeout: str = "3",
     require_auth: str | None = "md5,scram-sha-256,none",
+    **more: str,
 ) -> ProxyProcess:
     # The fake answers most scenarios after "trust" (AuthenticationOk at once), which the
     # default UPSTREAM__REQUIRE_AUTH refuses over an unverified path: allow it here, except
@@ -377,6 +378,7 @@ def _proxy(
             "DOWNSTREAM__SSLMODE": "disable",
             "AUTHENTICATION_TIMEOUT": timeout,
             "LOG_LEVEL": "INFO",
+            **more,
         },
         tmp / "proxy.log",
     )
@@ -590,3 +592,40 @@ def test_login_error_details_are_not_relayed(
     time.sleep(0.2)
     assert "DETAIL-" + MARKER.decode() in proxy.log()
     assert_still_serving(proxy, signer, upstream)
+
+
+def test_scram_pbkdf2_does_not_stall_other_sessions(
+    tmp_path: Path, signer: KeyPair, upstream: FakeUpstream
+) -> None:
+    """A login whose upstream asks for 10^6 SCRAM iterations (allowed here by raising
+    UPSTREAM__SCRAM_MAX_ITERATIONS) costs about half a second of PBKDF2. It must run off
+    the event loop: a session already spliced keeps answering meanwhile."""
+    derivation_started = threading.Event()
+
+    def expensive_scram(c: Conn) -> None:
+        c.startup()
+        c.scram_continue(c.scram_first(), iterations=1_000_000, suffix="pbkdf2")
+        derivation_started.set()
+        c.read_typed()  # client-final-message, once PBKDF2 is done
+
+    with _proxy(tmp_path, signer, upstream, UPSTREAM__SCRAM_MAX_ITERATIONS="1000000") as proxy:
+        upstream.scenario = trust
+        live = RawClient(proxy.port)
+        assert live.login("alice", mint(signer.private, "EdDSA", "alice"), tls=False).tags[-1] == (
+            b"Z"
+        )
+        upstream.scenario = expensive_scram
+        expensive = threading.Thread(target=login, args=(proxy, signer), daemon=True)
+        expensive.start()
+        assert derivation_started.wait(10)
+        latencies = []
+        deadline = time.monotonic() + 0.6
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            live.send(wire.typed_message(b"Q", b"select 1\0"))
+            assert live.read_until_end(stop_tags=(b"Z",)).tags[-1] == b"Z"
+            latencies.append(time.monotonic() - started)
+        expensive.join(15)
+        live.close()
+        print(f"round trips during PBKDF2: {len(latencies)}, worst {max(latencies) * 1000:.0f} ms")
+        assert max(latencies) < 0.25, latencies

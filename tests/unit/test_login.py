@@ -29,6 +29,7 @@ from jwtpgproxy.protocol.login import (
     MAX_LOGIN_MESSAGE_LENGTH,
     AuthMethod,
     ChannelBindingPolicy,
+    DeriveKeys,
     LoginComplete,
     NeedData,
     Phase,
@@ -58,8 +59,13 @@ def login(**kw: object) -> UpstreamLogin:
 
 
 def feed(machine: UpstreamLogin, data: bytes) -> object:
+    """Feed ``data``; run a DeriveKeys request inline, as the driver does in a thread."""
     machine.receive_data(data)
-    return machine.next_event()
+    event = machine.next_event()
+    if isinstance(event, DeriveKeys):
+        machine.keys_derived(event.derivation.derive())
+        event = machine.next_event()
+    return event
 
 
 def parse_client_message(data: bytes) -> wire.BackendMessage:
@@ -749,3 +755,44 @@ def test_login_error_odd_severity_becomes_fatal() -> None:
         feed(login(), error({"S": "HELLO\x1b[2J", "V": "x", "C": "53300", "M": "m"}))
     assert info.value.client_fields()["S"] == "FATAL"
     assert info.value.client_fields()["V"] == "FATAL"
+
+
+def test_scram_key_derivation_is_handed_to_the_driver_on_a_cache_miss() -> None:
+    """PBKDF2 must not run inside the sans-IO machine (on the event loop): a cache miss
+    is a DeriveKeys event the driver runs in a thread; a hit needs no derivation."""
+    from jwtpgproxy.protocol import scram
+
+    scram.SALTED_KEYS.clear()
+    server = ScramServer(PASSWORD, salt=b"derive-off-loop!")
+    machine = login()
+    first = machine_event(machine, sasl_request("SCRAM-SHA-256"))
+    assert isinstance(first, Send)
+    derive = machine_event(machine, server.first(first.data))
+    assert isinstance(derive, DeriveKeys)
+    assert derive.derivation.iterations == 4096
+    assert PASSWORD not in repr(derive)
+    machine.keys_derived(derive.derivation.derive())
+    final = machine.next_event()
+    assert isinstance(final, Send)
+    done = machine_event(machine, server.final(final.data) + R_OK + READY)
+    assert isinstance(done, LoginComplete)
+    # The same password, salt and count again: cached, no derivation.
+    again = login()
+    first = machine_event(again, sasl_request("SCRAM-SHA-256"))
+    assert isinstance(first, Send)
+    server2 = ScramServer(PASSWORD, salt=b"derive-off-loop!")
+    assert isinstance(machine_event(again, server2.first(first.data)), Send)
+
+
+def test_scram_iteration_cap_passed_to_the_client() -> None:
+    server = ScramServer(PASSWORD, iterations=5000)
+    machine = login(scram_max_iterations=4096)
+    first = feed(machine, sasl_request("SCRAM-SHA-256"))
+    assert isinstance(first, Send)
+    with pytest.raises(UpstreamAuthenticationFailed, match="iteration count"):
+        feed(machine, server.first(first.data))
+
+
+def machine_event(machine: UpstreamLogin, data: bytes) -> object:
+    machine.receive_data(data)
+    return machine.next_event()

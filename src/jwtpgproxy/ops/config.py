@@ -51,6 +51,7 @@ from ..protocol.login import (
     ChannelBindingPolicy,
     parse_require_auth,
 )
+from ..protocol.scram import DEFAULT_MAX_ITERATIONS, MAX_ITERATIONS
 from ..proxy.connection import Keepalive
 from ..proxy.runtime import Downstream, Limits, Runtime
 from ..proxy.upstream import UpstreamSSLMode, UpstreamTarget
@@ -75,6 +76,8 @@ class UpstreamSettings(_Section):
     #: libpq's require_auth; unset: everything but password and none, unless the
     #: connection is verified TLS or a Unix socket (see upstream_require_auth()).
     require_auth: str | None = None
+    #: The highest SCRAM iteration count upstream may ask for (PostgreSQL's default: 4096).
+    scram_max_iterations: int = Field(default=DEFAULT_MAX_ITERATIONS, ge=4096, le=MAX_ITERATIONS)
 
 
 class DownstreamSettings(_Section):
@@ -568,6 +571,7 @@ def upstream_target(settings: Settings) -> UpstreamTarget:
             settings.keepalive.idle, settings.keepalive.interval, settings.keepalive.count
         ),
         require_auth=upstream_require_auth(up),
+        scram_max_iterations=up.scram_max_iterations,
     )
 
 

@@ -23,7 +23,14 @@ from ..errors import (
     WireError,
 )
 from . import wire
-from .scram import MECHANISM, MECHANISM_PLUS, ScramSha256Client
+from .scram import (
+    DEFAULT_MAX_ITERATIONS,
+    MECHANISM,
+    MECHANISM_PLUS,
+    SALTED_KEYS,
+    KeyDerivation,
+    ScramSha256Client,
+)
 
 #: Upstream messages during login are small (ParameterStatus, errors); cap them.
 MAX_LOGIN_MESSAGE_LENGTH = 65536
@@ -135,7 +142,16 @@ class LoginComplete:
     auth_method: str
 
 
-Event = NeedData | Send | LoginComplete
+@dataclass(frozen=True, slots=True)
+class DeriveKeys:
+    """Run ``derivation`` (PBKDF2: up to tens of milliseconds, more with a large iteration
+    count) away from the event loop, then pass its result to :meth:`UpstreamLogin.keys_derived`.
+    Only returned when the salted keys are not cached already."""
+
+    derivation: KeyDerivation
+
+
+Event = NeedData | Send | LoginComplete | DeriveKeys
 
 
 class UpstreamLogin:
@@ -149,6 +165,7 @@ class UpstreamLogin:
         tls_server_end_point: bytes | None = None,
         protocol_minor: int = 0,
         require_auth: frozenset[AuthMethod] = ALL_AUTH_METHODS,
+        scram_max_iterations: int = DEFAULT_MAX_ITERATIONS,
     ) -> None:
         """``parameters``: the startup parameters to send (must include ``user``).
 
@@ -168,6 +185,9 @@ class UpstreamLogin:
         self._binding_data = tls_server_end_point
         self._requested_minor = protocol_minor
         self._require_auth = require_auth
+        self._scram_max_iterations = scram_max_iterations
+        self._derivation: KeyDerivation | None = None
+        self._ready: Send | None = None  # client-final-message once the keys are derived
         #: The protocol minor version in force with upstream (after any negotiation).
         self.protocol_minor = protocol_minor
         self._first_message = True
@@ -194,7 +214,20 @@ class UpstreamLogin:
         """Bytes received after ReadyForQuery (asynchronous messages): relay them."""
         return self._buffer.take_all()
 
+    def keys_derived(self, keys: tuple[bytes, bytes]) -> None:
+        """The result of the :class:`DeriveKeys` returned last."""
+        if self._derivation is None or self._scram is None:
+            raise RuntimeError("keys_derived() without a pending DeriveKeys")
+        SALTED_KEYS.put(self._derivation, keys)
+        self._derivation = None
+        self._ready = Send(wire.sasl_response(self._scram.client_final_message(keys)))
+
     def next_event(self) -> Event:
+        if self._derivation is not None:
+            raise RuntimeError("next_event() before keys_derived()")
+        if self._ready is not None:
+            ready, self._ready = self._ready, None
+            return ready
         try:
             while True:
                 message = self._buffer.read_typed(MAX_LOGIN_MESSAGE_LENGTH)
@@ -315,7 +348,11 @@ class UpstreamLogin:
         if self._binding_policy is ChannelBindingPolicy.DISABLE:
             binding = None
         if binding is not None and MECHANISM_PLUS in mechanisms:
-            self._scram = ScramSha256Client(self._password, channel_binding=binding)
+            self._scram = ScramSha256Client(
+                self._password,
+                channel_binding=binding,
+                max_iterations=self._scram_max_iterations,
+            )
             self._method = "scram-sha-256-plus"
         elif self._binding_policy is ChannelBindingPolicy.REQUIRE:
             raise UpstreamAuthenticationFailed(
@@ -325,7 +362,9 @@ class UpstreamLogin:
             # GS2 flag "y" when we could bind but the server did not offer PLUS: the server
             # then detects a downgrade by a man in the middle (RFC 5802 section 6).
             self._scram = ScramSha256Client(
-                self._password, server_supports_binding=binding is not None
+                self._password,
+                server_supports_binding=binding is not None,
+                max_iterations=self._scram_max_iterations,
             )
             self._method = "scram-sha-256"
         else:
@@ -340,7 +379,12 @@ class UpstreamLogin:
     def _on_sasl(self, code: int, data: bytes, message: wire.BackendMessage) -> Event | None:
         assert self._scram is not None
         if code == wire.AUTH_SASL_CONTINUE:
-            return Send(wire.sasl_response(self._scram.handle_server_first(data)))
+            derivation = self._scram.receive_server_first(data)
+            keys = SALTED_KEYS.get(derivation)
+            if keys is None:
+                self._derivation = derivation
+                return DeriveKeys(derivation)
+            return Send(wire.sasl_response(self._scram.client_final_message(keys)))
         if code == wire.AUTH_SASL_FINAL:
             self._scram.handle_server_final(data)
             return None

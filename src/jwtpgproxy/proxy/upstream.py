@@ -28,6 +28,7 @@ from ..errors import (
 from ..protocol import login as login_sm
 from ..protocol import wire
 from ..protocol.login import ALL_AUTH_METHODS, AuthMethod, ChannelBindingPolicy
+from ..protocol.scram import DEFAULT_MAX_ITERATIONS
 from .connection import HandshakeProtocol, Keepalive
 
 
@@ -56,6 +57,8 @@ class UpstreamTarget:
     keepalive: Keepalive
     #: The authentication methods upstream may use (libpq's require_auth).
     require_auth: frozenset[AuthMethod] = ALL_AUTH_METHODS
+    #: The highest SCRAM iteration count accepted from upstream.
+    scram_max_iterations: int = DEFAULT_MAX_ITERATIONS
 
 
 _TLS_REQUIRED = frozenset(
@@ -114,6 +117,7 @@ async def _attempt(
             tls_server_end_point=binding,
             protocol_minor=protocol_minor,
             require_auth=target.require_auth,
+            scram_max_iterations=target.scram_max_iterations,
         )
         protocol.write(machine.startup_bytes())
         while True:
@@ -122,6 +126,11 @@ async def _attempt(
                 protocol.write(event.data)
             elif isinstance(event, login_sm.LoginComplete):
                 return UpstreamConnection(protocol, event, tls, machine.leftover())
+            elif isinstance(event, login_sm.DeriveKeys):
+                # PBKDF2 in a thread (hashlib releases the GIL): on the loop it would stall
+                # every session of this worker for as long as it runs.
+                loop = asyncio.get_running_loop()
+                machine.keys_derived(await loop.run_in_executor(None, event.derivation.derive))
             else:
                 machine.receive_data(await protocol.read())
     except BaseException:
