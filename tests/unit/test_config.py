@@ -612,3 +612,21 @@ def test_sslrootcert_system_with_verify_full(env: pytest.MonkeyPatch) -> None:
     env.setenv("UPSTREAM__SSLROOTCERT", "system")
     env.setenv("UPSTREAM__SSLMODE", "verify-full")
     assert build_runtime(load_settings()).upstream.sslmode is UpstreamSSLMode.VERIFY_FULL
+
+
+def test_jwks_max_staleness_below_refresh_names_the_variable(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text('{"keys": []}')
+    env.setenv("JWKS__FILE", str(jwks_file))
+    env.setenv("JWKS__REFRESH_SECONDS", "600")
+    env.setenv("JWKS__MAX_STALENESS_SECONDS", "60")
+
+    async def start() -> None:
+        async with open_runtime():
+            pass
+
+    with pytest.raises(ConfigError) as info:
+        asyncio.run(start())
+    assert str(info.value).startswith("JWKS__MAX_STALENESS_SECONDS:")

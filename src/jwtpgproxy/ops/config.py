@@ -160,6 +160,8 @@ class JwksSettings(_Section):
     timeout: float = Field(default=10.0, gt=0, le=120)
     cafile: Path | None = None
     allow_http: bool = False
+    #: Keys from a source whose fetches have failed for this long are dropped.
+    max_staleness_seconds: float = Field(default=86400.0, gt=0, le=365 * 86400)
 
     @property
     def configured(self) -> bool:
@@ -465,17 +467,23 @@ def _jwks_source(settings: Settings) -> JwksKeySource | None:
             context = ssl.create_default_context(cafile=str(jwks.cafile))
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"JWKS__CAFILE: cannot load CA certificates ({exc})") from None
-    return JwksKeySource(
-        file=jwks.file,
-        url=jwks.url,
-        issuer=jwks.oidc_issuer,
-        name=f"JWKS__{given[0]}",
-        refresh_seconds=jwks.refresh_seconds,
-        min_refetch_seconds=jwks.min_refetch_seconds,
-        timeout=jwks.timeout,
-        ssl_context=context,
-        allow_http=jwks.allow_http,
-    )
+    try:
+        return JwksKeySource(
+            file=jwks.file,
+            url=jwks.url,
+            issuer=jwks.oidc_issuer,
+            name=f"JWKS__{given[0]}",
+            refresh_seconds=jwks.refresh_seconds,
+            min_refetch_seconds=jwks.min_refetch_seconds,
+            timeout=jwks.timeout,
+            ssl_context=context,
+            allow_http=jwks.allow_http,
+            max_staleness_seconds=jwks.max_staleness_seconds,
+        )
+    except ConfigError as exc:
+        if exc.setting == "max_staleness_seconds":
+            raise ConfigError(exc.message, setting="JWKS__MAX_STALENESS_SECONDS") from None
+        raise
 
 
 def _revocation_file(settings: Settings) -> RevocationFile | None:
