@@ -227,10 +227,20 @@ def _tls_server_end_point(protocol: HandshakeProtocol) -> bytes | None:
     return digest.finalize()
 
 
+#: The longest terminate_backends() may take, login and query included.
+TERMINATE_TIMEOUT_SECONDS = 5.0
+
+
 async def terminate_backends(
-    target: UpstreamTarget, role: str, database: str, pids: list[int]
+    target: UpstreamTarget,
+    role: str,
+    database: str,
+    pids: list[int],
+    timeout: float = TERMINATE_TIMEOUT_SECONDS,
 ) -> None:
-    """Ask upstream to end ``pids`` (backends of ``role``) with pg_terminate_backend().
+    """Ask upstream to end ``pids`` (backends of ``role``) with pg_terminate_backend(),
+    within ``timeout`` seconds (UpstreamUnavailable after it: a shutdown must not hang on
+    an upstream that accepts the connection and then says nothing).
 
     The proxy cannot inject an ErrorResponse into a spliced stream -- it does not know where
     messages begin -- but PostgreSQL can: each backend sends FATAL 57P01 "terminating
@@ -238,6 +248,18 @@ async def terminate_backends(
     reaches the client through the splice. A role may terminate its own backends, so the
     proxy logs in as that role, with the password it already uses for it.
     """
+    try:
+        async with asyncio.timeout(timeout):
+            await _terminate_backends(target, role, database, pids)
+    except TimeoutError:
+        raise UpstreamUnavailable(
+            f"upstream {describe(target)} did not terminate backends within {timeout:g}s"
+        ) from None
+
+
+async def _terminate_backends(
+    target: UpstreamTarget, role: str, database: str, pids: list[int]
+) -> None:
     pid_list = ",".join(str(int(pid)) for pid in pids)  # ints only: nothing to inject
     query = f"SELECT pg_terminate_backend(p) FROM unnest(ARRAY[{pid_list}]::int[]) p"  # noqa: S608
     connection = await open_upstream(target, {"user": role, "database": database})
@@ -256,8 +278,10 @@ async def terminate_backends(
             if message.tag == b"Z":
                 break
         protocol.write(wire.terminate())
-    finally:
-        protocol.close()
+    except BaseException:
+        protocol.abort()  # an error or the deadline: nothing worth flushing
+        raise
+    protocol.close()
 
 
 async def probe_upstream(target: UpstreamTarget, timeout: float = 2.0) -> tuple[bool, str]:
