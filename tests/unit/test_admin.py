@@ -1,11 +1,13 @@
-"""The admin HTTP listener: /readyz probes upstream at most about once a second, and the
-number of connections served at once is capped (issue 13, item 10)."""
+"""The admin HTTP listener: /readyz probes upstream at most about once a second (the
+CachedProbe the daemon and the listener wrap their probe in), and the number of
+connections served at once is capped (issue 13, item 10)."""
 
 from __future__ import annotations
 
 import asyncio
 
 from jwtpgproxy.ops.admin import AdminServer
+from jwtpgproxy.proxy.upstream import CachedProbe
 
 
 async def _metrics() -> bytes:
@@ -36,7 +38,7 @@ def test_readyz_probe_is_cached_and_shared() -> None:
         return True, "ready"
 
     async def scenario() -> None:
-        admin = AdminServer("127.0.0.1", 0, _metrics, ready)
+        admin = AdminServer("127.0.0.1", 0, _metrics, CachedProbe(ready))
         await admin.start()
         port = _port(admin)
         answers = await asyncio.gather(*(_get(port, "/readyz") for _ in range(20)))

@@ -7,8 +7,9 @@ Docker HEALTHCHECK and Kubernetes probes, and nothing an attacker can make large
 * ``/healthz``: the process is serving (the event loop answers).
 * ``/readyz``: it can open a TCP connection to upstream within the probe timeout, and it is
   not shutting down -- so a load balancer stops sending clients to a draining proxy. The
-  answer is reused for about a second, and concurrent requests share one probe: however
-  often /readyz is asked, upstream sees at most about one connection a second from it.
+  upstream probe's answer is reused for about a second and shared by concurrent requests
+  (:class:`jwtpgproxy.proxy.upstream.CachedProbe`): however often /readyz is asked,
+  upstream sees about one connection a second from it.
 
 At most ``MAX_CONNECTIONS`` connections are served at once (the port may be reachable from a
 whole cluster network); beyond that new ones are closed at once.
@@ -30,8 +31,6 @@ _MAX_HEAD = 8192
 _READ_TIMEOUT = 5.0
 #: Connections served at once (Prometheus, probes and a human need a handful).
 MAX_CONNECTIONS = 32
-#: How long one readiness answer is reused.
-READY_CACHE_SECONDS = 1.0
 _STATUS = {
     200: "OK",
     400: "Bad Request",
@@ -51,7 +50,6 @@ class AdminServer:
         healthy: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
         *,
         max_connections: int = MAX_CONNECTIONS,
-        ready_cache_seconds: float = READY_CACHE_SECONDS,
     ) -> None:
         """``render_metrics``: the Prometheus text (one process's, or the sum over workers).
         ``healthy``: liveness beyond "the event loop answers" (e.g. all workers alive)."""
@@ -63,9 +61,6 @@ class AdminServer:
         self._server: asyncio.Server | None = None
         self._max_connections = max_connections
         self._connections = 0
-        self._ready_cache_seconds = ready_cache_seconds
-        self._ready_answer: tuple[float, tuple[bool, str]] | None = None
-        self._ready_probe: asyncio.Task[tuple[bool, str]] | None = None
 
     async def start(self) -> None:
         # The reader's limit caps the request head: readuntil() fails beyond it.
@@ -102,25 +97,6 @@ class AdminServer:
             await self._serve(reader, writer)
         finally:
             self._connections -= 1
-
-    async def ready(self) -> tuple[bool, str]:
-        """The readiness answer, probed at most once per ``ready_cache_seconds``;
-        concurrent callers share the probe in flight."""
-        loop = asyncio.get_running_loop()
-        cached = self._ready_answer
-        if cached is not None and loop.time() - cached[0] < self._ready_cache_seconds:
-            return cached[1]
-        if self._ready_probe is None:
-            self._ready_probe = loop.create_task(self._probe_ready())
-        return await asyncio.shield(self._ready_probe)
-
-    async def _probe_ready(self) -> tuple[bool, str]:
-        try:
-            answer = await self._ready()
-            self._ready_answer = (asyncio.get_running_loop().time(), answer)
-            return answer
-        finally:
-            self._ready_probe = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -167,6 +143,6 @@ class AdminServer:
             ok, why = self._healthy()
             return (200 if ok else 503), text, f"{why}\n".encode(), method
         if target == "/readyz":
-            ok, why = await self.ready()
+            ok, why = await self._ready()
             return (200 if ok else 503), text, f"{why}\n".encode(), method
         return 404, text, b"not found\n", method

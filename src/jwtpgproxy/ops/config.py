@@ -113,6 +113,16 @@ class KeepaliveSettings(_Section):
     count: int = Field(default=6, ge=1, le=50)
 
 
+class LoginThrottleSettings(_Section):
+    """Failed logins per source address (``LOGIN_THROTTLE__*``): a token bucket of
+    ``burst`` failures (0 = off), refilled at ``per_minute``; a source with an empty bucket
+    has its new connections refused. At most ``max_sources`` sources are tracked."""
+
+    burst: int = Field(default=20, ge=0, le=100_000)
+    per_minute: float = Field(default=10.0, gt=0, le=100_000)
+    max_sources: int = Field(default=10_000, ge=1, le=10_000_000)
+
+
 class LogFormat(enum.StrEnum):
     TEXT = "text"
     JSON = "json"
@@ -194,6 +204,12 @@ class Settings(BaseSettings):
     #: Connections that have not finished login at once (slowloris bound); beyond it new
     #: connections are closed at once.
     max_pending_logins: int = Field(default=256, ge=1, le=100_000)
+    #: The same, per source address (IPv4 address or IPv6 /64): a few hundred silent
+    #: sockets from one address must not lock everybody else out.
+    max_pending_logins_per_source: int = Field(default=32, ge=1, le=100_000)
+    #: Seconds from accept() to the startup packet (TLS handshake included).
+    startup_timeout: float = Field(default=10.0, gt=0, le=600)
+    login_throttle: LoginThrottleSettings = LoginThrottleSettings()
     #: Seconds; sent upstream as PostgreSQL's idle_session_timeout (0 = off).
     idle_session_timeout: float = Field(default=0, ge=0, le=7 * 86400)
     #: Seconds a splice direction may hold unsent bytes without progress before it is
@@ -546,6 +562,11 @@ def build_runtime(
             shutdown_timeout=settings.shutdown_timeout,
             idle_session_timeout=settings.idle_session_timeout,
             stall_seconds=settings.stall_warning_seconds,
+            max_pending_logins_per_source=settings.max_pending_logins_per_source,
+            startup_timeout=settings.startup_timeout,
+            login_throttle_burst=settings.login_throttle.burst,
+            login_throttle_per_minute=settings.login_throttle.per_minute,
+            login_throttle_max_sources=settings.login_throttle.max_sources,
         ),
         keepalive=upstream.keepalive,
         end_sessions_on_expiry=token.end_sessions_on_expiry,

@@ -12,7 +12,7 @@ import contextlib
 import functools
 
 from ..proxy.listener import ProxyServer
-from ..proxy.upstream import probe_upstream
+from ..proxy.upstream import CachedProbe, probe_upstream
 from .admin import AdminServer
 from .config import Settings, open_runtime, upstream_target
 from .workers import Supervisor, WorkerInfo, cancel_on_peers, start_control_server
@@ -65,6 +65,6 @@ async def supervise(settings: Settings) -> int:
         settings.workers,
         metrics_host=settings.metrics.host,
         metrics_port=settings.metrics.port,
-        ready=functools.partial(probe_upstream, target),
+        ready=CachedProbe(functools.partial(probe_upstream, target)),
     )
     return await supervisor.run()

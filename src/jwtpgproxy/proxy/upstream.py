@@ -11,7 +11,7 @@ import asyncio
 import enum
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -293,3 +293,34 @@ async def probe_upstream(target: UpstreamTarget, timeout: float = 2.0) -> tuple[
         return False, f"upstream not reachable: {exc}"
     protocol.close()
     return True, "ready"
+
+
+class CachedProbe:
+    """A readiness probe whose answer is reused for ``seconds`` and shared by concurrent
+    callers: however often /readyz is asked (its port may be open to a whole network),
+    upstream sees about one probe connection per ``seconds``."""
+
+    def __init__(
+        self, probe: Callable[[], Awaitable[tuple[bool, str]]], seconds: float = 1.0
+    ) -> None:
+        self._probe = probe
+        self._seconds = seconds
+        self._answer: tuple[float, tuple[bool, str]] | None = None
+        self._inflight: asyncio.Task[tuple[bool, str]] | None = None
+
+    async def __call__(self) -> tuple[bool, str]:
+        loop = asyncio.get_running_loop()
+        if self._answer is not None and loop.time() - self._answer[0] < self._seconds:
+            return self._answer[1]
+        if self._inflight is None:
+            self._inflight = loop.create_task(self._run())
+        # Shielded: a caller that goes away does not cancel the probe others wait for.
+        return await asyncio.shield(self._inflight)
+
+    async def _run(self) -> tuple[bool, str]:
+        try:
+            answer = await self._probe()
+            self._answer = (asyncio.get_running_loop().time(), answer)
+            return answer
+        finally:
+            self._inflight = None
