@@ -59,10 +59,10 @@ def test_admin_connections_are_capped() -> None:
         return True, "ready"
 
     async def scenario() -> None:
-        admin = AdminServer("127.0.0.1", 0, _metrics, ready, max_connections=4)
+        admin = AdminServer("127.0.0.1", 0, _metrics, ready)  # the default cap: 32
         await admin.start()
         port = _port(admin)
-        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(32)]
         await asyncio.sleep(0.1)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         # Closed at once, not after the 5 s request-head timeout.
