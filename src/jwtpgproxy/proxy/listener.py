@@ -198,7 +198,12 @@ class ProxyServer:
             self._pending_by_source[source] = left
         else:
             del self._pending_by_source[source]
-        if isinstance(session.failure, AuthenticationFailed) and self._throttle.failed(source):
+        failure = session.failure
+        if (
+            failure is not None
+            and issubclass(failure, AuthenticationFailed)
+            and self._throttle.failed(source)
+        ):
             self.metrics.login_throttled_sources.inc()
             event(
                 log,

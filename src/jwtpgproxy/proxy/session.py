@@ -153,9 +153,11 @@ class Session:
         self._cancel_entry: CancelEntry | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
         self.protocol_minor = 0
-        #: The error that ended the session before the splice (None: none did).
-        self.failure: ProxyError | None = None
-        #: The startup-packet deadline, lifted once the startup packet is in.
+        #: The class of the error that ended the session before the splice (a class, not
+        #: the exception: its traceback would tie the session into a reference cycle).
+        self.failure: type[ProxyError] | None = None
+        #: The startup-packet deadline while it runs, lifted once the startup packet is in
+        #: (held only meanwhile: the Timeout refers to this session's task).
         self._startup_deadline: asyncio.Timeout | None = None
 
     def _move(self, new: Phase) -> None:
@@ -229,14 +231,19 @@ class Session:
     async def _run(self) -> None:
         limits = self.runtime.limits
         timeout = limits.authentication_timeout
+        startup_expired = False
         try:
             async with asyncio.timeout(timeout):
                 # A shorter deadline until the startup packet is in: a silent socket holds
                 # a pending-login slot for seconds, not for the whole login deadline.
-                async with asyncio.timeout(min(limits.startup_timeout, timeout)) as startup:
-                    self._startup_deadline = startup
-                    direct_tls = await self._accept()
-                    received = await self._client_handshake(direct_tls)
+                try:
+                    async with asyncio.timeout(min(limits.startup_timeout, timeout)) as startup:
+                        self._startup_deadline = startup
+                        direct_tls = await self._accept()
+                        received = await self._client_handshake(direct_tls)
+                finally:
+                    startup_expired = startup.expired()
+                    self._startup_deadline = startup = None  # type: ignore[assignment]
                 if received is None:
                     return  # a CancelRequest: handled, no reply
                 self._move(Phase.VERIFYING)
@@ -244,7 +251,7 @@ class Session:
                 self._move(Phase.LOGGING_IN)
                 upstream = await self._login_upstream(received.startup, identity)
         except TimeoutError:
-            if self._startup_deadline is not None and self._startup_deadline.expired():
+            if startup_expired:
                 raise HandshakeTimeout(
                     f"no startup packet within {limits.startup_timeout:g}s"
                 ) from None
@@ -405,10 +412,10 @@ class Session:
             to_client += message.encode()
         to_client += upstream.leftover
 
-        client_transport, client_rest = self.client.detach()
-        upstream_transport, upstream_rest = upstream.protocol.detach()
         if self.client.closed or upstream.protocol.closed:
             raise ClientDisconnected("a side closed while login completed")
+        client_transport, client_rest = self.client.detach()
+        upstream_transport, upstream_rest = upstream.protocol.detach()
         self._splice = Splice(
             client_transport, upstream_transport, endable=self.runtime.endable_sessions
         )
@@ -454,7 +461,7 @@ class Session:
     def _fail(self, exc: ProxyError) -> None:
         """Log ``exc`` and, where the protocol allows, send it to the client."""
         if self.phase is not Phase.SPLICED:
-            self.failure = exc
+            self.failure = type(exc)
         fields = {"user": self.user, "database": self.database, "client": self.peer}
         if isinstance(exc, AuthenticationFailed | UpstreamAuthenticationFailed):
             event(log, WARNING, "authentication failed", **fields, reason=exc.reason)
@@ -501,7 +508,7 @@ class Session:
             self._context.cancels.unregister(self._cancel_entry)
         if self._splice is None:
             self.client.close()
-            if self.client.transport is None:
+            if not self.client.connected:
                 self._sock.close()  # never got a transport: the socket is still ours
             if self.upstream is not None:
                 self.upstream.protocol.abort()
