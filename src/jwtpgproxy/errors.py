@@ -23,7 +23,7 @@ of the ``jwtpgproxy_logins`` metric. The split under it mirrors h11's Local/Remo
         │   ├── InvalidAuthorization         28000  a startup packet asking for what we refuse
         │   │   └── EncryptionRequired       28000  plaintext while TLS is required
         │   ├── TooManyConnections           53300
-        │   └── HandshakeTimeout             08P01  login not done within the deadline
+        │   └── HandshakeTimeout             57014  login not done within the deadline
         ├── SessionEnded                   57P01  the proxy ends the session itself
         │   ├── ServerShuttingDown               shutdown before the session was spliced
         │   ├── TokenExpired                     TOKEN__END_SESSIONS_ON_EXPIRY
@@ -32,7 +32,8 @@ of the ``jwtpgproxy_logins`` metric. The split under it mirrors h11's Local/Remo
             ├── UpstreamUnavailable              TCP, TLS, timeout, or upstream hung up
             ├── UpstreamProtocolError      08P01  (WireError from upstream, re-raised)
             ├── UpstreamAuthenticationFailed 28000  the proxy's own login was refused
-            │   └── ScramError                   the SCRAM exchange with upstream failed
+            │   ├── ScramError                   the SCRAM exchange with upstream failed
+            │   └── UpstreamAuthMethodRefused    a method UPSTREAM__REQUIRE_AUTH refuses
             └── UpstreamErrorResponse      (upstream's own SQLSTATE) relayed login error
 
 Errors become bytes in one place: :func:`jwtpgproxy.proxy.session.Session` sends
@@ -54,6 +55,7 @@ INVALID_AUTHORIZATION_SPECIFICATION = "28000"
 FEATURE_NOT_SUPPORTED = "0A000"
 TOO_MANY_CONNECTIONS = "53300"
 ADMIN_SHUTDOWN = "57P01"
+QUERY_CANCELED = "57014"
 INTERNAL_ERROR = "XX000"
 _SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 
@@ -211,8 +213,12 @@ class TooManyConnections(ClientError):
 
 
 class HandshakeTimeout(ClientError):
+    """Login not done within AUTHENTICATION_TIMEOUT: PostgreSQL's own answer is FATAL
+    57014 "canceling authentication due to timeout" (postmaster's StartupPacketTimeout /
+    authentication_timeout handling), so drivers treat it alike."""
+
     metric_reason = "timeout"
-    sqlstate = PROTOCOL_VIOLATION
+    sqlstate = QUERY_CANCELED
     client_message = "canceling authentication due to timeout"
 
 
@@ -285,33 +291,78 @@ class ScramError(UpstreamAuthenticationFailed):
         super().__init__(f"SCRAM exchange with upstream failed: {reason}")
 
 
+class UpstreamAuthMethodRefused(UpstreamAuthenticationFailed):
+    """Upstream asked for an authentication method the proxy is not allowed to use there
+    (libpq's ``require_auth``): cleartext ``password`` or ``none`` (trust) over a connection
+    a man in the middle could sit on. Nothing was sent: no password, no query."""
+
+    metric_reason = "upstream_auth_method_refused"
+    client_message = (
+        "the upstream PostgreSQL server asked for an authentication method "
+        "the proxy is configured to refuse"
+    )
+
+    def __init__(self, method: str, allowed: list[str]) -> None:
+        # The one setting that decides it is named here (the log line is read by the
+        # operator, who can allow the method there if the path to upstream is trusted).
+        super().__init__(
+            f"upstream asked for authentication method {method}, which UPSTREAM__REQUIRE_AUTH "
+            f"does not allow (allowed: {','.join(allowed)}); use UPSTREAM__SSLMODE=verify-full "
+            f"or a Unix socket, or add {method} to UPSTREAM__REQUIRE_AUTH if the path to "
+            "upstream is trusted"
+        )
+        self.method = method
+
+
 class UpstreamErrorResponse(UpstreamError):
-    """Upstream refused the login with an ErrorResponse that is safe to relay.
+    """Upstream refused the login with an ErrorResponse; the client gets part of it.
 
     E.g. database does not exist (3D000), too many connections (53300), role may not log in.
+    Only severity, SQLSTATE and message reach the client (an allow-list): upstream's DETAIL,
+    HINT, WHERE, schema/table names and source location describe the server and the proxy's
+    place in its configuration, not the client's problem -- they go to the log, in
+    ``reason``. For authentication-class errors (SQLSTATE class 28), whose messages name the
+    proxy's address and pg_hba.conf rules (``no pg_hba.conf entry for host "10.0.0.5"...``),
+    even the message is replaced by a generic one.
     """
 
+    #: The fields relayed to the client (55.8 "Error and Notice Message Fields").
+    RELAYED_FIELDS = frozenset({"S", "V", "C", "M"})
+    #: Longest log rendering of one of upstream's fields.
+    _LOG_FIELD_CHARS = 500
+
     def __init__(self, fields: Mapping[str, str]) -> None:
-        message = fields.get("M", "upstream error")
-        super().__init__(f"upstream refused login: {fields.get('C', '?????')} {message}")
-        self.fields = dict(fields)
         code = fields.get("C", "")
+        message = fields.get("M", "upstream error")
+        kept = " ".join(
+            f"{name}={value[: self._LOG_FIELD_CHARS]!r}"
+            for name, value in fields.items()
+            if name not in {"S", "V", "C", "M"}
+        )
+        super().__init__(
+            f"upstream refused login: {code or '?????'} {message}" + (f" [{kept}]" if kept else "")
+        )
+        self.fields = dict(fields)
         # A SQLSTATE is five characters of [0-9A-Z]; anything else is replaced.
         self.sqlstate = code if _SQLSTATE.fullmatch(code) else INTERNAL_ERROR
-        self.severity = fields.get("S", "FATAL")
-        self.client_message = message
+        # Login errors are FATAL (the connection ends); anything else a server sends in S
+        # is not relayed as if it meant something.
+        severity = fields.get("S", "FATAL")
+        self.severity = severity if severity in {"ERROR", "FATAL", "PANIC"} else "FATAL"
+        if self.sqlstate.startswith("28"):
+            self.client_message = "the upstream PostgreSQL server refused the proxy's login"
+        else:
+            self.client_message = message
 
     def client_fields(self, user: str | None = None) -> dict[str, str]:
-        # Relay what the server said, minus fields that could leak server internals
-        # (file, line, routine) -- they describe upstream's source code, not the client's
-        # problem. S, V, C and M are always present in an ErrorResponse (55.8); a server
-        # that leaves one out still yields a well-formed FATAL for the client.
-        relayed = {k: v for k, v in self.fields.items() if k not in {"F", "L", "R"}}
-        relayed["S"] = self.severity
-        relayed["V"] = self.fields.get("V", self.severity)
-        relayed["C"] = self.sqlstate
-        relayed["M"] = self.client_message
-        return relayed
+        # S, V, C and M are always present in an ErrorResponse (55.8); a server that leaves
+        # one out still yields a well-formed FATAL for the client.
+        return {
+            "S": self.severity,
+            "V": self.severity,
+            "C": self.sqlstate,
+            "M": self.client_message,
+        }
 
 
 # --- Client library ------------------------------------------------------------------------

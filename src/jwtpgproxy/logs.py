@@ -17,13 +17,31 @@ from typing import Any
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+#: Characters that need quoting though printable: they would split or fake a field.
+_FIELD_SYNTAX = frozenset(' "=\\')
+
+
+def _escape(ch: str) -> str:
+    if ch in '"\\':
+        return "\\" + ch
+    code = ord(ch)
+    if code < 0x100:
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch, f"\\x{code:02x}")
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _text_value(value: object) -> str:
+    """A field value as one token of the text format. Values from clients (user names,
+    database names, upstream's messages) may hold anything: every non-printable character
+    -- CR, ESC (terminal control sequences), U+2028 (a line break to some viewers), lone
+    surrogates -- is escaped, so one event is one line and shows what was received."""
     if value is None:
         return "-"
     text = str(value)
-    if not text or any(ch in text for ch in ' "=\n'):
-        return json.dumps(text)
-    return text
+    if text and text.isprintable() and not any(ch in _FIELD_SYNTAX for ch in text):
+        return text
+    escaped = "".join(ch if ch.isprintable() and ch not in '"\\' else _escape(ch) for ch in text)
+    return f'"{escaped}"'
 
 
 class _Event:

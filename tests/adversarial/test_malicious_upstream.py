@@ -354,9 +354,21 @@ def upstream() -> Iterator[FakeUpstream]:
     assert not fake.errors, fake.errors
 
 
-def _proxy(tmp: Path, signer: KeyPair, upstream: FakeUpstream, timeout: str = "3") -> ProxyProcess:
+def _proxy(
+    tmp: Path,
+    signer: KeyPair,
+    upstream: FakeUpstream,
+    timeout: str = "3",
+    require_auth: str | None = "md5,scram-sha-256,none",
+    **more: str,
+) -> ProxyProcess:
+    # The fake answers most scenarios after "trust" (AuthenticationOk at once), which the
+    # default UPSTREAM__REQUIRE_AUTH refuses over an unverified path: allow it here, except
+    # where a test checks that default (require_auth=None).
+    extra = {} if require_auth is None else {"UPSTREAM__REQUIRE_AUTH": require_auth}
     return ProxyProcess(
         {
+            **extra,
             "PUBLIC_KEYS__0": signer.public_pem,
             "UPSTREAM__HOST": "127.0.0.1",
             "UPSTREAM__PORT": str(upstream.port),
@@ -366,6 +378,7 @@ def _proxy(tmp: Path, signer: KeyPair, upstream: FakeUpstream, timeout: str = "3
             "DOWNSTREAM__SSLMODE": "disable",
             "AUTHENTICATION_TIMEOUT": timeout,
             "LOG_LEVEL": "INFO",
+            **more,
         },
         tmp / "proxy.log",
     )
@@ -459,8 +472,8 @@ def test_stalled_upstream_hits_authentication_timeout(
     started = time.monotonic()
     result = login(proxy, signer)
     elapsed = time.monotonic() - started
-    error = assert_clean_fatal(result, "08P01")
-    assert "timeout" in error["M"]
+    error = assert_clean_fatal(result, "57014")  # as PostgreSQL: canceling authentication
+    assert error["M"] == "canceling authentication due to timeout"
     assert 2 < elapsed < 6  # AUTHENTICATION_TIMEOUT=3
     assert_still_serving(proxy, signer, upstream)
 
@@ -515,3 +528,104 @@ def test_many_small_login_messages_do_not_grow_memory(
     cap) -- refuse with 08P01 -- rather than hold it all in memory."""
     _, growth = _memory_case(tmp_path, signer, upstream, scenario)
     assert growth < 100 * 1024
+
+
+def test_man_in_the_middle_gets_no_cleartext_password_by_default(
+    tmp_path: Path, signer: KeyPair, upstream: FakeUpstream
+) -> None:
+    """The classic downgrade with the default settings (UPSTREAM__SSLMODE=prefer): the man
+    in the middle answers the SSLRequest with N, then asks for the password in clear. The
+    proxy must refuse before sending it; and a "trust" answer must get no query either."""
+    received: list[bytes] = []
+
+    def ask_cleartext(c: Conn) -> None:
+        c.startup()
+        c.send(wire.authentication(wire.AUTH_CLEARTEXT_PASSWORD))
+        with contextlib.suppress(OSError, ConnectionError, struct.error):
+            received.append(c.read_typed()[1])
+
+    with _proxy(tmp_path, signer, upstream, require_auth=None) as proxy:
+        upstream.scenario = ask_cleartext
+        error = assert_clean_fatal(login(proxy, signer), "28000")
+        assert "configured to refuse" in error["M"]
+        assert all(PASSWORD.encode() not in body for body in received), received
+        upstream.scenario = trust
+        result = login(proxy, signer)
+        assert result.tags == [b"R", b"E"], result.messages
+        assert result.error() is not None and result.error()["C"] == "28000"
+        assert "UPSTREAM__REQUIRE_AUTH" in proxy.log()
+
+
+@pytest.mark.parametrize("sqlstate", ["28000", "53300"])
+def test_login_error_details_are_not_relayed(
+    sqlstate: str, proxy: ProxyProcess, signer: KeyPair, upstream: FakeUpstream
+) -> None:
+    """Upstream's ErrorResponse during login carries DETAIL, HINT, WHERE and, for class 28,
+    a message naming the proxy's address and pg_hba rules: the client gets severity,
+    SQLSTATE and message only (for 28xxx a generic message); the log keeps everything."""
+    message = f'no pg_hba.conf entry for host "10.9.8.7" {MARKER.decode()}'
+
+    def refuse(c: Conn) -> None:
+        c.startup()
+        fields = {
+            "S": "FATAL",
+            "V": "FATAL",
+            "C": sqlstate,
+            "M": message,
+            "D": "DETAIL-" + MARKER.decode(),
+            "H": "HINT-" + MARKER.decode(),
+            "W": "WHERE-" + MARKER.decode(),
+        }
+        c.send(wire.error_response(fields))
+
+    upstream.scenario = refuse
+    result = login(proxy, signer)
+    error = result.error()
+    assert error is not None
+    assert set(error) == {"S", "V", "C", "M"}, error
+    assert error["C"] == sqlstate
+    if sqlstate.startswith("28"):
+        assert_clean_fatal(result, sqlstate)  # no marker, no address
+        assert "10.9.8.7" not in error["M"]
+    else:
+        assert error["M"] == message
+    time.sleep(0.2)
+    assert "DETAIL-" + MARKER.decode() in proxy.log()
+    assert_still_serving(proxy, signer, upstream)
+
+
+def test_scram_pbkdf2_does_not_stall_other_sessions(
+    tmp_path: Path, signer: KeyPair, upstream: FakeUpstream
+) -> None:
+    """A login whose upstream asks for 10^6 SCRAM iterations (allowed here by raising
+    UPSTREAM__SCRAM_MAX_ITERATIONS) costs about half a second of PBKDF2. It must run off
+    the event loop: a session already spliced keeps answering meanwhile."""
+    derivation_started = threading.Event()
+
+    def expensive_scram(c: Conn) -> None:
+        c.startup()
+        c.scram_continue(c.scram_first(), iterations=1_000_000, suffix="pbkdf2")
+        derivation_started.set()
+        c.read_typed()  # client-final-message, once PBKDF2 is done
+
+    with _proxy(tmp_path, signer, upstream, UPSTREAM__SCRAM_MAX_ITERATIONS="1000000") as proxy:
+        upstream.scenario = trust
+        live = RawClient(proxy.port)
+        assert live.login("alice", mint(signer.private, "EdDSA", "alice"), tls=False).tags[-1] == (
+            b"Z"
+        )
+        upstream.scenario = expensive_scram
+        expensive = threading.Thread(target=login, args=(proxy, signer), daemon=True)
+        expensive.start()
+        assert derivation_started.wait(10)
+        latencies = []
+        deadline = time.monotonic() + 0.6
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            live.send(wire.typed_message(b"Q", b"select 1\0"))
+            assert live.read_until_end(stop_tags=(b"Z",)).tags[-1] == b"Z"
+            latencies.append(time.monotonic() - started)
+        expensive.join(15)
+        live.close()
+        print(f"round trips during PBKDF2: {len(latencies)}, worst {max(latencies) * 1000:.0f} ms")
+        assert max(latencies) < 0.25, latencies

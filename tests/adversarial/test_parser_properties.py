@@ -481,6 +481,9 @@ def drive_login(machine: login.UpstreamLogin, chunks: Sequence[bytes]) -> list[A
             event = machine.next_event()
             if isinstance(event, login.NeedData):
                 break
+            if isinstance(event, login.DeriveKeys):  # the driver runs it in a thread
+                machine.keys_derived(event.derivation.derive())
+                continue
             events.append(event)
     return events
 

@@ -334,8 +334,11 @@ def run_login(data: bytes) -> None:
         for chunk in _chunks(data, len(data)):
             machine.receive_data(chunk)
             while machine.phase not in (login.Phase.DONE, login.Phase.FAILED):
-                if isinstance(machine.next_event(), login.NeedData):
+                event = machine.next_event()
+                if isinstance(event, login.NeedData):
                     break
+                if isinstance(event, login.DeriveKeys):  # the proxy runs it in a thread
+                    machine.keys_derived(event.derivation.derive())
 
 
 def run_scram(data: bytes) -> None:

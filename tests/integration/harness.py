@@ -151,6 +151,11 @@ class ProxyProcess:
             "DOWNSTREAM__PORT": str(self.port),
             "SHUTDOWN_TIMEOUT": "2",
             "LOG_LEVEL": "DEBUG",
+            # Every test client comes from 127.0.0.1: the per-source limits (failed-login
+            # throttling, pending logins per source) would make tests depend on each other.
+            # Tests of those limits set them.
+            "LOGIN_THROTTLE__BURST": "0",
+            "MAX_PENDING_LOGINS_PER_SOURCE": "100000",
             **env,
         }
         self.log_path = log_path

@@ -18,6 +18,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import socket
 import ssl
 import struct
@@ -504,6 +505,9 @@ def test_dangerous_startup_parameters_match_postgresql(
     direct = _direct_outcome(pg, **params)
     proxied = _proxied_outcome(proxy, token_for(USER), **params)
     print(f"{params}: direct={direct!r} proxied={proxied!r}")
+    # During login the proxy relays severity, SQLSTATE and message only (DETAIL and HINT
+    # go to its log), so the direct outcome is compared without them.
+    direct = re.sub(r"\n(DETAIL|HINT):.*", "", direct, flags=re.DOTALL)
     assert proxied == direct
     if proxied.startswith("ok"):
         assert proxied == f"ok ('{USER}', '{USER}')"

@@ -316,3 +316,63 @@ def test_backpressure_slow_reader_does_not_grow_proxy_memory(
             assert tag in (b"H", b"c", b"C"), tag
     assert total == 300000 * 1001
     client.close()
+
+
+# --- UPSTREAM__REQUIRE_AUTH (issue 13, item 1) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("role", "method"), [("cleartext_user", "password"), ("trust_user", "none")]
+)
+def test_cleartext_and_trust_upstream_refused_by_default_without_verified_tls(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str], role: str, method: str
+) -> None:
+    """Upstream over plaintext TCP (no verification possible): whoever answers could ask
+    for the proxy's password in clear, or skip authentication to get the queries. By
+    default the proxy refuses both, with a clear 28000 (not 28P01: the client's token was
+    fine) and a log line naming the setting that would allow it."""
+    proxy = start_proxy(
+        UPSTREAM__HOST="127.0.0.1", UPSTREAM__SSLMODE="disable", UPSTREAM__SSLROOTCERT=None
+    )
+    client = RawClient(proxy.port)
+    try:
+        fields = client.login(role, token_for(role)).error()
+    finally:
+        client.close()
+    assert fields is not None
+    assert fields["C"] == "28000"
+    assert "configured to refuse" in fields["M"]
+    log = proxy.log()
+    assert f"authentication method {method}, which UPSTREAM__REQUIRE_AUTH" in log
+    # Nothing else still works the default way: SCRAM and MD5 prove nothing in clear.
+    with psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user"))) as conn:
+        assert conn.execute("select current_user").fetchone() == ("scram_user",)
+
+
+def test_require_auth_allows_cleartext_and_trust_when_set(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+) -> None:
+    """The operator who trusts the path says so, in libpq's require_auth syntax."""
+    proxy = start_proxy(
+        UPSTREAM__HOST="127.0.0.1",
+        UPSTREAM__SSLMODE="disable",
+        UPSTREAM__SSLROOTCERT=None,
+        UPSTREAM__REQUIRE_AUTH="password,none",
+    )
+    for role in ("cleartext_user", "trust_user"):
+        with psycopg.connect(proxy_dsn(proxy, role, token_for(role))) as conn:
+            assert conn.execute("select current_user").fetchone() == (role,)
+    # ... and a list without scram-sha-256 now refuses SCRAM.
+    with pytest.raises(psycopg.OperationalError, match="configured to refuse"):
+        psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user")))
+
+
+def test_unix_socket_upstream_allows_trust_by_default(
+    start_proxy: Callable[..., ProxyProcess], pg: Postgres, token_for: Callable[..., str]
+) -> None:
+    proxy = start_proxy(
+        UPSTREAM__HOST=pg.socket_dir, UPSTREAM__SSLMODE="disable", UPSTREAM__SSLROOTCERT=None
+    )
+    with psycopg.connect(proxy_dsn(proxy, "md5_user", token_for("md5_user"))) as conn:
+        assert conn.execute("select current_user").fetchone() == ("md5_user",)
+    assert "can be intercepted" not in proxy.log()

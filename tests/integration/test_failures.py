@@ -256,6 +256,26 @@ def test_authentication_timeout_closes_stalled_clients(
         assert conn.execute("select 1").fetchone() == (1,)
 
 
+def test_authentication_timeout_is_fatal_57014_like_postgresql(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """PostgreSQL answers a login that outlives authentication_timeout with FATAL 57014
+    "canceling authentication due to timeout"; so does the proxy."""
+    proxy = start_proxy(AUTHENTICATION_TIMEOUT="1")
+    client = RawClient(proxy.port)
+    try:
+        client.start_tls()
+        client.send(wire.startup_message({"user": "scram_user"}))
+        assert client.read_message()[0] == b"R"  # asked for the password; never sent
+        result = client.read_until_end(stop_tags=(b"E",))
+    finally:
+        client.close()
+    fields = result.error()
+    assert fields is not None
+    assert (fields["S"], fields["C"]) == ("FATAL", "57014")
+    assert fields["M"] == "canceling authentication due to timeout"
+
+
 def test_upstream_down_gives_08006_then_recovers(
     start_proxy: Callable[..., ProxyProcess], pg: Postgres, token_for: Callable[..., str]
 ) -> None:

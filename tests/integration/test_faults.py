@@ -336,7 +336,12 @@ def test_1000_concurrent_clients(
         LOG_LEVEL="INFO",
         UPSTREAM__SSLMODE="disable",
         UPSTREAM__SSLROOTCERT=None,
+        # trust over plaintext: the loopback test server is trusted, so say so.
+        UPSTREAM__REQUIRE_AUTH="none",
         AUTHENTICATION_TIMEOUT="120",
+        # 1000 TLS handshakes at once on a shared 2-core machine: some startup packets
+        # arrive after the default 10 s STARTUP_TIMEOUT.
+        STARTUP_TIMEOUT="120",
         MAX_CLIENT_CONNECTIONS="2000",
         MAX_PENDING_LOGINS="2000",
     )

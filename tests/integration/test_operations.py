@@ -354,3 +354,93 @@ def test_json_logs_hold_fields_and_no_secrets(
         assert token not in text
     assert pg.password not in text
     assert "Traceback" not in text
+
+
+# --- Per-source limits (issue 13, item 5) ------------------------------------------------------
+
+
+def _connect_from(source: str, port: int) -> socket.socket:
+    """A TCP connection to the proxy (127.0.0.1) from the loopback address ``source``."""
+    sock = socket.socket()
+    sock.settimeout(5)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _closed_at_once(sock: socket.socket, within: float = 1.0) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def test_pending_logins_are_capped_per_source(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+) -> None:
+    """Silent sockets from one address fill that address's slots only: another address
+    (here 127.0.0.2) still logs in while the first is refused at once."""
+    proxy = start_proxy(MAX_PENDING_LOGINS_PER_SOURCE="3", AUTHENTICATION_TIMEOUT="30")
+    silent = [_connect_from("127.0.0.3", proxy.port) for _ in range(3)]
+    time.sleep(0.3)
+    extra = _connect_from("127.0.0.3", proxy.port)
+    assert _closed_at_once(extra)
+    extra.close()
+    with psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user"))) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    for sock in silent:
+        sock.close()
+    assert "too many pending logins from this source: source=127.0.0.3" in proxy.log()
+
+
+def test_startup_packet_has_its_own_shorter_deadline(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """A socket that sends nothing is closed after STARTUP_TIMEOUT, long before the whole
+    login's AUTHENTICATION_TIMEOUT; a client that sent its startup packet has the rest."""
+    proxy = start_proxy(STARTUP_TIMEOUT="1", AUTHENTICATION_TIMEOUT="60")
+    silent = RawClient(proxy.port)
+    halfway = RawClient(proxy.port)
+    halfway.start_tls()
+    halfway.send(wire.startup_message({"user": "scram_user"}))
+    assert halfway.read_message()[0] == b"R"  # the password is asked for
+    started = time.monotonic()
+    assert silent.is_closed(wait=5)
+    assert time.monotonic() - started < 3
+    assert not halfway.is_closed(wait=1.5)  # 2.5 s after connecting: still waited for
+    silent.close()
+    halfway.close()
+    assert "no startup packet within 1s" in proxy.log()
+
+
+def test_failed_logins_are_throttled_per_source(
+    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+) -> None:
+    """After LOGIN_THROTTLE__BURST failed logins an address has its new connections refused
+    at once (counted in metrics); the right token from another address still works."""
+    metrics_port = free_port()
+    proxy = start_proxy(
+        LOGIN_THROTTLE__BURST="3",
+        LOGIN_THROTTLE__PER_MINUTE="1",
+        METRICS__PORT=str(metrics_port),
+    )
+    for _ in range(3):
+        client = RawClient(proxy.port)
+        fields = client.login("scram_user", "not-a-token").error()
+        client.close()
+        assert fields is not None and fields["C"] == "28P01"
+    time.sleep(0.2)
+    refused = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    assert _closed_at_once(refused)
+    refused.close()
+    other = _connect_from("127.0.0.2", proxy.port)  # another address: unaffected
+    assert not _closed_at_once(other, within=0.5)
+    other.close()
+    assert "source throttled: too many failed logins: source=127.0.0.1" in proxy.log()
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    assert 'jwtpgproxy_client_connections_refused_total{limit="login_throttle"} 1.0' in text
+    assert "jwtpgproxy_login_throttled_sources_total 1.0" in text

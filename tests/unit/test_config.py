@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import logging
 import os
 import ssl
 from pathlib import Path
@@ -19,10 +21,11 @@ from jwtpgproxy.ops.config import (
     UpstreamSettings,
     build_runtime,
     load_settings,
+    open_runtime,
     upstream_ssl_context,
 )
 from jwtpgproxy.protocol.frontend import DownstreamSSLMode
-from jwtpgproxy.protocol.login import ChannelBindingPolicy
+from jwtpgproxy.protocol.login import AuthMethod, ChannelBindingPolicy
 from jwtpgproxy.proxy.upstream import UpstreamSSLMode
 
 PASSWORD = "Upstream-Pa55word-never-shown"
@@ -522,3 +525,143 @@ def test_cancel_rate_and_shutdown_delay(env: pytest.MonkeyPatch) -> None:
     env.setenv("SHUTDOWN_DELAY", "-1")
     with pytest.raises(ConfigError, match=r"^SHUTDOWN_DELAY: "):
         load_settings()
+
+
+# --- UPSTREAM__REQUIRE_AUTH default, verify-ca and sslrootcert=system (issue 13) -------------
+
+
+@pytest.mark.parametrize(
+    ("host", "mode", "rootcert", "cleartext_allowed"),
+    [
+        ("db.internal", "prefer", False, False),
+        ("db.internal", "disable", False, False),
+        ("db.internal", "require", False, False),
+        ("127.0.0.1", "disable", False, False),  # loopback is not a socket: a peer may bind
+        ("db.internal", "require", True, True),  # libpq: require + root cert = verify-ca
+        ("db.internal", "verify-ca", True, True),
+        ("db.internal", "verify-full", True, True),
+        ("/run/postgresql", "disable", False, True),
+    ],
+)
+def test_require_auth_default_depends_on_the_path(
+    env: pytest.MonkeyPatch,
+    tls_files: tuple[Path, Path],
+    host: str,
+    mode: str,
+    rootcert: bool,
+    cleartext_allowed: bool,
+) -> None:
+    env.setenv("UPSTREAM__HOST", host)
+    env.setenv("UPSTREAM__SSLMODE", mode)
+    if rootcert:
+        env.setenv("UPSTREAM__SSLROOTCERT", str(tls_files[0]))
+    allowed = build_runtime(load_settings()).upstream.require_auth
+    assert (AuthMethod.PASSWORD in allowed) is cleartext_allowed
+    assert (AuthMethod.NONE in allowed) is cleartext_allowed
+    assert {AuthMethod.MD5, AuthMethod.SCRAM_SHA_256} <= allowed
+
+
+def test_require_auth_setting(env: pytest.MonkeyPatch) -> None:
+    env.setenv("UPSTREAM__REQUIRE_AUTH", "password,scram-sha-256")
+    allowed = build_runtime(load_settings()).upstream.require_auth
+    assert allowed == {AuthMethod.PASSWORD, AuthMethod.SCRAM_SHA_256}
+
+
+@pytest.mark.parametrize("value", ["password,!md5", "md5,md5", "trust"])
+def test_require_auth_setting_errors(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("UPSTREAM__REQUIRE_AUTH", value)
+    assert config_error().startswith("UPSTREAM__REQUIRE_AUTH:")
+
+
+@pytest.mark.parametrize(
+    ("host", "mode", "warned"),
+    [
+        ("db.internal", "prefer", True),
+        ("db.internal", "verify-ca", True),
+        ("10.0.0.5", "require", True),
+        ("db.internal", "verify-full", False),
+        ("localhost", "disable", False),
+        ("127.0.0.1", "prefer", False),
+        ("::1", "prefer", False),
+        ("/run/postgresql", "disable", False),
+    ],
+)
+def test_startup_warning_when_upstream_can_be_intercepted(
+    env: pytest.MonkeyPatch,
+    tls_files: tuple[Path, Path],
+    caplog: pytest.LogCaptureFixture,
+    host: str,
+    mode: str,
+    warned: bool,
+) -> None:
+    env.setenv("UPSTREAM__HOST", host)
+    env.setenv("UPSTREAM__SSLMODE", mode)
+    env.setenv("UPSTREAM__SSLROOTCERT", str(tls_files[0]))
+
+    async def start() -> None:
+        async with open_runtime():
+            pass
+
+    with caplog.at_level(logging.WARNING, logger="jwtpgproxy"):
+        asyncio.run(start())
+    found = [r for r in caplog.records if "can be intercepted" in r.getMessage()]
+    assert bool(found) is warned
+    if warned:
+        assert "UPSTREAM__SSLMODE=verify-full" in found[0].getMessage()
+        assert PASSWORD not in found[0].getMessage()
+
+
+def test_verify_ca_without_rootcert_is_a_config_error(env: pytest.MonkeyPatch) -> None:
+    """Against every public CA without a host-name check, any publicly trusted
+    certificate for any name would pass: libpq refuses it, and so do we."""
+    env.setenv("UPSTREAM__SSLMODE", "verify-ca")
+    text = config_error()
+    assert text.startswith("UPSTREAM__SSLROOTCERT:")
+    assert "verify-ca" in text
+
+
+def test_sslrootcert_system_forces_verify_full(env: pytest.MonkeyPatch) -> None:
+    env.setenv("UPSTREAM__SSLROOTCERT", "system")
+    upstream_settings = build_runtime(load_settings()).upstream
+    assert upstream_settings.sslmode is UpstreamSSLMode.VERIFY_FULL
+    context = upstream_settings.ssl_context
+    assert context is not None
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    assert context.check_hostname is True
+    # verified TLS: the default require_auth lets cleartext through
+    assert AuthMethod.PASSWORD in upstream_settings.require_auth
+
+
+@pytest.mark.parametrize("mode", ["disable", "prefer", "require", "verify-ca"])
+def test_sslrootcert_system_with_weaker_mode_is_an_error(
+    env: pytest.MonkeyPatch, mode: str
+) -> None:
+    env.setenv("UPSTREAM__SSLROOTCERT", "system")
+    env.setenv("UPSTREAM__SSLMODE", mode)
+    text = config_error()
+    assert text.startswith("UPSTREAM__SSLMODE:")
+    assert "verify-full" in text
+
+
+def test_sslrootcert_system_with_verify_full(env: pytest.MonkeyPatch) -> None:
+    env.setenv("UPSTREAM__SSLROOTCERT", "system")
+    env.setenv("UPSTREAM__SSLMODE", "verify-full")
+    assert build_runtime(load_settings()).upstream.sslmode is UpstreamSSLMode.VERIFY_FULL
+
+
+def test_jwks_max_staleness_below_refresh_names_the_variable(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text('{"keys": []}')
+    env.setenv("JWKS__FILE", str(jwks_file))
+    env.setenv("JWKS__REFRESH_SECONDS", "600")
+    env.setenv("JWKS__MAX_STALENESS_SECONDS", "60")
+
+    async def start() -> None:
+        async with open_runtime():
+            pass
+
+    with pytest.raises(ConfigError) as info:
+        asyncio.run(start())
+    assert str(info.value).startswith("JWKS__MAX_STALENESS_SECONDS:")

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import threading
 import time
@@ -648,7 +649,6 @@ def test_failing_server_keeps_old_keys(server: Server, keys: Keys) -> None:
         for broken in [
             (500, {}, b"oops"),
             (200, {}, b"not json"),
-            (200, {}, b'{"keys": []}'),  # an empty set is treated as a failure too
             (200, {}, json.dumps(jwks({"kty": "oct", "k": "AAAA"})).encode()),
         ]:
             server.routes["/jwks"] = broken
@@ -834,3 +834,71 @@ def test_credentials_in_url_never_shown(server: Server) -> None:
         assert "hunter2" not in source.location
 
     run(scenario())
+
+
+# --- Emergency revocation and staleness (issue 13, item 9) ------------------------------------
+
+
+def test_empty_key_set_is_an_emergency_revocation(
+    server: Server, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An issuer that publishes {"keys": []} withdraws every key: the old ones must stop
+    verifying at the next refresh (they used to stay trusted for ever)."""
+    server.json("/jwks", jwks(jwk(keys.ed25519, kid="a")))
+
+    async def scenario() -> None:
+        source = JwksKeySource(url=server.url("/jwks"))
+        await source.start()
+        verifier = TokenVerifier(key_source=source)
+        good = token(keys.ed25519, "EdDSA", "a")
+        verifier.verify(good, "alice", now=NOW)
+        server.json("/jwks", {"keys": []})
+        with caplog.at_level(logging.WARNING, logger="jwtpgproxy.jwks"):
+            assert await source.refresh() is True
+        assert source.keys == ()
+        assert source.last_error is None
+        assert any("lists no keys" in r.getMessage() for r in caplog.records)
+        with pytest.raises(TokenRejected):
+            verifier.verify(good, "alice", now=NOW)
+        await source.close()
+
+    run(scenario())
+
+
+def test_keys_of_a_failing_source_are_dropped_after_max_staleness(
+    server: Server, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.json("/jwks", jwks(jwk(keys.ed25519, kid="a")))
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        source = JwksKeySource(
+            url=server.url("/jwks"), clock=clock, refresh_seconds=300, max_staleness_seconds=3600
+        )
+        await source.start()
+        verifier = TokenVerifier(key_source=source)
+        good = token(keys.ed25519, "EdDSA", "a")
+        server.routes["/jwks"] = (500, {}, b"down")
+        clock.now += 3000
+        assert await source.refresh() is False
+        verifier.verify(good, "alice", now=NOW)  # within the staleness limit: kept
+        clock.now += 601
+        with caplog.at_level(logging.ERROR, logger="jwtpgproxy.jwks"):
+            assert await source.refresh() is False
+        assert source.keys == ()
+        assert any("keys dropped" in r.getMessage() for r in caplog.records)
+        with pytest.raises(TokenRejected):
+            verifier.verify(good, "alice", now=NOW)
+        server.json("/jwks", jwks(jwk(keys.ed25519, kid="a")))  # back: keys again
+        assert await source.refresh() is True
+        verifier.verify(good, "alice", now=NOW)
+        await source.close()
+
+    run(scenario())
+
+
+def test_max_staleness_below_refresh_interval_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="maximum staleness"):
+        JwksKeySource(
+            url="https://issuer.example/jwks", refresh_seconds=600, max_staleness_seconds=60
+        )

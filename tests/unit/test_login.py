@@ -16,21 +16,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jwtpgproxy.errors import (
+    ConfigError,
     UpstreamAuthenticationFailed,
+    UpstreamAuthMethodRefused,
     UpstreamError,
     UpstreamErrorResponse,
     UpstreamProtocolError,
 )
 from jwtpgproxy.protocol import wire
 from jwtpgproxy.protocol.login import (
+    ALL_AUTH_METHODS,
     MAX_LOGIN_MESSAGE_LENGTH,
+    AuthMethod,
     ChannelBindingPolicy,
+    DeriveKeys,
     LoginComplete,
     NeedData,
     Phase,
     Send,
     UpstreamLogin,
     md5_password,
+    parse_require_auth,
 )
 
 R_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
@@ -53,8 +59,13 @@ def login(**kw: object) -> UpstreamLogin:
 
 
 def feed(machine: UpstreamLogin, data: bytes) -> object:
+    """Feed ``data``; run a DeriveKeys request inline, as the driver does in a thread."""
     machine.receive_data(data)
-    return machine.next_event()
+    event = machine.next_event()
+    if isinstance(event, DeriveKeys):
+        machine.keys_derived(event.derivation.derive())
+        event = machine.next_event()
+    return event
 
 
 def parse_client_message(data: bytes) -> wire.BackendMessage:
@@ -613,3 +624,175 @@ def test_fuzz_only_upstream_errors(chunks: list[bytes], policy: ChannelBindingPo
         if isinstance(event, LoginComplete):
             return
         assert isinstance(event, NeedData | Send)
+
+
+# --- require_auth (libpq syntax) ------------------------------------------------------------
+
+SAFE = frozenset({AuthMethod.MD5, AuthMethod.SCRAM_SHA_256})
+
+
+@pytest.mark.parametrize(
+    ("text", "allowed"),
+    [
+        ("", ALL_AUTH_METHODS),
+        ("password", {AuthMethod.PASSWORD}),
+        ("scram-sha-256, md5", {AuthMethod.SCRAM_SHA_256, AuthMethod.MD5}),
+        ("!password,!none", ALL_AUTH_METHODS - {AuthMethod.PASSWORD, AuthMethod.NONE}),
+        ("none", {AuthMethod.NONE}),
+    ],
+)
+def test_parse_require_auth(text: str, allowed: set[AuthMethod]) -> None:
+    assert parse_require_auth(text) == allowed
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("password,!md5", "mixed"),
+        ("!md5,password", "mixed"),
+        ("md5,md5", "more than once"),
+        ("kerberos", "invalid method"),
+        ("scram", "invalid method"),
+        ("!password,!md5,!gss,!sspi,!scram-sha-256,!oauth,!none", "no method"),
+    ],
+)
+def test_parse_require_auth_errors(text: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=why) as info:
+        parse_require_auth(text)
+    assert info.value.setting == "require_auth"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "method"),
+    [
+        (wire.authentication(3), "password"),
+        (R_OK + READY, "none"),
+        (wire.authentication(5, b"salt"), "md5"),
+    ],
+)
+def test_require_auth_refuses_method_before_sending_anything(
+    request_bytes: bytes, method: str
+) -> None:
+    allowed = ALL_AUTH_METHODS - {AuthMethod(method)}
+    machine = login(require_auth=allowed)
+    with pytest.raises(UpstreamAuthMethodRefused) as info:
+        feed(machine, request_bytes)
+    exc = info.value
+    assert exc.method == method
+    assert exc.sqlstate == "28000"  # not 28P01: the client's token was fine
+    assert "UPSTREAM__REQUIRE_AUTH" in exc.reason
+    assert "UPSTREAM__REQUIRE_AUTH" not in exc.client_message
+    assert PASSWORD not in exc.reason
+    assert machine.phase is Phase.FAILED
+
+
+def test_require_auth_refuses_scram() -> None:
+    with pytest.raises(UpstreamAuthMethodRefused):
+        feed(login(require_auth=frozenset({AuthMethod.MD5})), sasl_request("SCRAM-SHA-256"))
+
+
+def test_require_auth_allows_listed_methods() -> None:
+    machine = login(require_auth=SAFE)
+    event = feed(machine, sasl_request("SCRAM-SHA-256"))
+    assert isinstance(event, Send)
+    machine = login(require_auth=SAFE)
+    assert isinstance(feed(machine, wire.authentication(5, b"salt")), Send)
+
+
+# --- What of upstream's login errors reaches the client (issue 13, item 3) ------------------
+
+LEAKY = {
+    "S": "FATAL",
+    "V": "FATAL",
+    "C": "53300",
+    "M": "remaining connection slots are reserved for roles with the SUPERUSER attribute",
+    "D": "proxy-internal detail: host 10.9.8.7",
+    "H": "hint naming /etc/postgresql/pg_hba.conf",
+    "W": "PL/pgSQL function check_login() line 3",
+    "s": "internal_schema",
+    "t": "secret_table",
+    "F": "postinit.c",
+    "L": "1030",
+    "R": "InitPostgres",
+}
+
+
+def test_login_error_relays_only_severity_sqlstate_message() -> None:
+    with pytest.raises(UpstreamErrorResponse) as info:
+        feed(login(), R_OK + error(LEAKY))
+    exc = info.value
+    assert exc.client_fields() == {
+        "S": "FATAL",
+        "V": "FATAL",
+        "C": "53300",
+        "M": LEAKY["M"],
+    }
+    # ... and the rest goes to the log (the error's reason).
+    for name in ("D", "H", "W", "s", "t"):
+        assert LEAKY[name] in exc.reason
+
+
+def test_login_error_of_class_28_gets_a_generic_message() -> None:
+    fields = {
+        "S": "FATAL",
+        "V": "FATAL",
+        "C": "28000",
+        "M": 'no pg_hba.conf entry for host "10.9.8.7", user "alice", database "db", no encryption',
+    }
+    with pytest.raises(UpstreamErrorResponse) as info:
+        feed(login(), error(fields))
+    exc = info.value
+    assert exc.sqlstate == "28000"  # kept: sslmode=allow retries with TLS on it
+    client = exc.client_fields()
+    assert "10.9.8.7" not in str(client)
+    assert "pg_hba" not in str(client)
+    assert client["C"] == "28000"
+    assert "10.9.8.7" in exc.reason  # the operator still sees upstream's words
+
+
+def test_login_error_odd_severity_becomes_fatal() -> None:
+    with pytest.raises(UpstreamErrorResponse) as info:
+        feed(login(), error({"S": "HELLO\x1b[2J", "V": "x", "C": "53300", "M": "m"}))
+    assert info.value.client_fields()["S"] == "FATAL"
+    assert info.value.client_fields()["V"] == "FATAL"
+
+
+def test_scram_key_derivation_is_handed_to_the_driver_on_a_cache_miss() -> None:
+    """PBKDF2 must not run inside the sans-IO machine (on the event loop): a cache miss
+    is a DeriveKeys event the driver runs in a thread; a hit needs no derivation."""
+    from jwtpgproxy.protocol import scram
+
+    scram.SALTED_KEYS.clear()
+    server = ScramServer(PASSWORD, salt=b"derive-off-loop!")
+    machine = login()
+    first = machine_event(machine, sasl_request("SCRAM-SHA-256"))
+    assert isinstance(first, Send)
+    derive = machine_event(machine, server.first(first.data))
+    assert isinstance(derive, DeriveKeys)
+    assert derive.derivation.iterations == 4096
+    assert PASSWORD not in repr(derive)
+    machine.keys_derived(derive.derivation.derive())
+    final = machine.next_event()
+    assert isinstance(final, Send)
+    done = machine_event(machine, server.final(final.data) + R_OK + READY)
+    assert isinstance(done, LoginComplete)
+    # The same password, salt and count again: cached, no derivation.
+    again = login()
+    first = machine_event(again, sasl_request("SCRAM-SHA-256"))
+    assert isinstance(first, Send)
+    server2 = ScramServer(PASSWORD, salt=b"derive-off-loop!")
+    assert isinstance(machine_event(again, server2.first(first.data)), Send)
+
+
+def test_scram_iteration_cap_passed_to_the_client() -> None:
+    server = ScramServer(PASSWORD, iterations=5000)
+    machine = login(scram_max_iterations=4096)
+    first = feed(machine, sasl_request("SCRAM-SHA-256"))
+    assert isinstance(first, Send)
+    with pytest.raises(UpstreamAuthenticationFailed, match="iteration count"):
+        feed(machine, server.first(first.data))
+
+
+def machine_event(machine: UpstreamLogin, data: bytes) -> object:
+    machine.receive_data(data)
+    return machine.next_event()

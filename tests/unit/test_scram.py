@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 
 import pytest
 from hypothesis import given, settings
@@ -127,7 +128,8 @@ def test_salt_too_long() -> None:
 
 
 @pytest.mark.parametrize(
-    "iterations", ["0", "1000001", "99999999999999999999", "-1", "+5", "4096a", "", " 4096", "0x10"]
+    "iterations",
+    ["0", "100001", "1000000", "99999999999999999999", "-1", "+5", "4096a", "", " 4096", "0x10"],
 )
 def test_bad_iterations(iterations: str) -> None:
     with pytest.raises(ScramError):
@@ -136,7 +138,7 @@ def test_bad_iterations(iterations: str) -> None:
 
 def test_iterations_bounds_accepted() -> None:
     assert client().handle_server_first(f"r=abcd,s={SALT},i=1".encode()).startswith(b"c=biws,")
-    assert scram.MAX_ITERATIONS == 1_000_000
+    assert scram.DEFAULT_MAX_ITERATIONS == 100_000
 
 
 @pytest.mark.parametrize(
@@ -329,3 +331,50 @@ def test_fuzz_server_final(data: bytes) -> None:
         assert c.done is False
     else:
         assert data == RFC_SERVER_FINAL
+
+
+# --- Iteration cap and the salted-key cache (issue 13, item 6) --------------------------------
+
+
+def test_default_iteration_cap_refuses_a_million() -> None:
+    """PostgreSQL's default is 4096; 10^6 costs over half a second of CPU per login."""
+    with pytest.raises(ScramError, match="at most 100000"):
+        client().handle_server_first(f"r=abcd,s={SALT},i=1000000".encode())
+    assert client().handle_server_first(f"r=abcd,s={SALT},i=100000".encode())
+
+
+def test_iteration_cap_is_configurable() -> None:
+    with pytest.raises(ScramError):
+        client(max_iterations=4096).handle_server_first(f"r=abcd,s={SALT},i=4097".encode())
+    final = client(max_iterations=200_000).handle_server_first(f"r=abcd,s={SALT},i=150000".encode())
+    assert final.startswith(b"c=biws,")
+
+
+def test_salted_key_cache_holds_no_password_bytes() -> None:
+    password = "cache-probe-Pa55word-\u00e9"
+    scram.SALTED_KEYS.clear()
+    ScramSha256Client(password, client_nonce="abc").handle_server_first(
+        f"r=abcd,s={SALT},i=4096".encode()
+    )
+    assert len(scram.SALTED_KEYS) == 1
+    held = repr(list(scram.SALTED_KEYS._entries.items()))
+    raw = password.encode()
+    for entry in scram.SALTED_KEYS._entries:
+        for part in entry:
+            assert not isinstance(part, bytes) or raw not in part
+            assert part != raw
+    assert password not in held
+    # Not a plain hash of it either: offline guessing needs the per-process key.
+    assert hashlib.sha256(raw).digest() not in {entry[0] for entry in scram.SALTED_KEYS._entries}
+
+
+def test_salted_key_cache_hit_and_bound() -> None:
+    cache = scram.SaltedKeyCache(maxsize=2)
+    derivations = [scram.KeyDerivation(b"pw", bytes([i]) * 8, 4096) for i in range(3)]
+    for d in derivations:
+        cache.put(d, (b"c", b"s"))
+    assert len(cache) == 2
+    assert cache.get(derivations[0]) is None  # the oldest went
+    assert cache.get(derivations[2]) == (b"c", b"s")
+    assert cache.get(scram.KeyDerivation(b"other", derivations[2].salt, 4096)) is None
+    assert "pw" not in repr(derivations[0])

@@ -39,7 +39,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.client import HTTPMessage
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -388,9 +388,13 @@ class JwksKeySource:
         ...
         await source.close()
 
-    A refresh that fails, or yields no usable key, keeps the previous key set (an issuer's
-    outage must not lock everybody out), records :attr:`last_error` and logs it; the next
-    attempt is ``min_refetch_seconds`` later (at most ``refresh_seconds``). :attr:`keys` is
+    A refresh that fails, or yields only unusable keys, keeps the previous key set (an
+    issuer's outage must not lock everybody out), records :attr:`last_error` and logs it;
+    the next attempt is ``min_refetch_seconds`` later (at most ``refresh_seconds``) -- but
+    keys last fetched more than ``max_staleness_seconds`` ago are dropped (None: never), so
+    keys an issuer withdrew do not stay trusted for ever behind a source that fails. A
+    document whose ``keys`` array is empty is not a failure: it is how an issuer revokes
+    every key at once, and the key set becomes empty. :attr:`keys` is
     replaced by a new tuple only when the set actually changed, so ``keys is old`` tells a
     caller whether a refetch brought anything new.
     """
@@ -408,6 +412,7 @@ class JwksKeySource:
         max_bytes: int = MAX_DOCUMENT_BYTES,
         ssl_context: ssl.SSLContext | None = None,
         allow_http: bool = False,
+        max_staleness_seconds: float | None = 86400.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         given = [v for v in (file, url, issuer) if v is not None]
@@ -415,6 +420,12 @@ class JwksKeySource:
             raise ConfigError(f"{name}: exactly one of a JWKS file, URL or OIDC issuer")
         if not refresh_seconds > 0 or not min_refetch_seconds >= 0 or not timeout > 0:
             raise ConfigError(f"{name}: refresh, refetch and timeout seconds must be positive")
+        if max_staleness_seconds is not None and not max_staleness_seconds > refresh_seconds:
+            raise ConfigError(
+                f"{name}: the maximum staleness must exceed the refresh interval "
+                f"({refresh_seconds:g}s), or keys would be dropped between two refreshes",
+                setting="max_staleness_seconds",
+            )
         for value in (url, issuer):
             if value is not None:
                 try:
@@ -431,7 +442,11 @@ class JwksKeySource:
         self.max_bytes = max_bytes
         self.ssl_context = ssl_context
         self.allow_http = allow_http
+        self.max_staleness_seconds = max_staleness_seconds
         self._clock = clock
+        #: When the last fetch succeeded (clock time), None before the first.
+        self._last_success: float | None = None
+        self._dropped_stale = False
 
         self._keys: tuple[VerificationKey, ...] = ()
         self._fingerprint: tuple[tuple[object, ...], ...] = ()
@@ -455,8 +470,17 @@ class JwksKeySource:
 
     @property
     def keys(self) -> tuple[VerificationKey, ...]:
-        """The current key set (an immutable snapshot)."""
+        """The current key set (an immutable snapshot); empty once stale."""
+        if self._stale():
+            return ()
         return self._keys
+
+    def _stale(self) -> bool:
+        return (
+            self.max_staleness_seconds is not None
+            and self._last_success is not None
+            and self._clock() - self._last_success > self.max_staleness_seconds
+        )
 
     async def start(self) -> None:
         """Fetch once and start the background refresh. Raise :class:`JwksError` (naming the
@@ -522,8 +546,9 @@ class JwksKeySource:
         try:
             document = await self._fetch_document()
             result = parse_jwks(document, source=self.name, location=self.location)
-            if not result.keys:
-                reasons = "; ".join(result.skipped[:5]) or "the document lists no keys"
+            if not result.keys and result.skipped:
+                # Keys listed, none usable: more likely a problem than a decision.
+                reasons = "; ".join(result.skipped[:5])
                 raise JwksError(f"{self.location}: no usable signature key ({reasons})")
         except asyncio.CancelledError:
             raise
@@ -533,7 +558,8 @@ class JwksKeySource:
                 if isinstance(exc, JwksError)
                 else (f"{self.location}: unexpected {type(exc).__name__}: {exc}")
             )
-            if message != self.last_error:
+            stale = self._stale()
+            if message != self.last_error and not stale:
                 event(
                     log,
                     WARNING,
@@ -542,8 +568,33 @@ class JwksKeySource:
                     keys=len(self._keys),
                     error=message,
                 )
+            if stale and not self._dropped_stale:
+                self._dropped_stale = True
+                event(
+                    log,
+                    ERROR,
+                    "JWKS keys dropped: no successful fetch within the maximum staleness",
+                    source=self.name,
+                    keys=len(self._keys),
+                    max_staleness=f"{self.max_staleness_seconds:g}s",
+                    error=message,
+                )
             self.last_error = message
             return False
+        first = self._last_success is None
+        self._last_success = self._clock()
+        if self._dropped_stale:
+            self._dropped_stale = False
+            event(log, INFO, "JWKS keys fetched again after being dropped", source=self.name)
+        if not result.keys and (first or self._keys):
+            # An issuer's emergency revocation of every key: honoured, loudly.
+            event(
+                log,
+                WARNING,
+                "JWKS lists no keys: every token this source would verify is refused",
+                source=self.name,
+                location=self.location,
+            )
         fingerprint = _fingerprint(result.keys)
         if fingerprint != self._fingerprint:
             if self._keys:

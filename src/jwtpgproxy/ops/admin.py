@@ -6,7 +6,13 @@ Docker HEALTHCHECK and Kubernetes probes, and nothing an attacker can make large
 
 * ``/healthz``: the process is serving (the event loop answers).
 * ``/readyz``: it can open a TCP connection to upstream within the probe timeout, and it is
-  not shutting down -- so a load balancer stops sending clients to a draining proxy.
+  not shutting down -- so a load balancer stops sending clients to a draining proxy. The
+  upstream probe's answer is reused for about a second and shared by concurrent requests
+  (:class:`jwtpgproxy.proxy.upstream.CachedProbe`): however often /readyz is asked,
+  upstream sees about one connection a second from it.
+
+At most ``MAX_CONNECTIONS`` connections are served at once (the port may be reachable from a
+whole cluster network); beyond that new ones are closed at once.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ log = logging.getLogger("jwtpgproxy")
 
 _MAX_HEAD = 8192
 _READ_TIMEOUT = 5.0
+#: Connections served at once (Prometheus, probes and a human need a handful).
+MAX_CONNECTIONS = 32
 _STATUS = {
     200: "OK",
     400: "Bad Request",
@@ -40,6 +48,8 @@ class AdminServer:
         render_metrics: Callable[[], Awaitable[bytes]],
         ready: Callable[[], Awaitable[tuple[bool, str]]],
         healthy: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
+        *,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         """``render_metrics``: the Prometheus text (one process's, or the sum over workers).
         ``healthy``: liveness beyond "the event loop answers" (e.g. all workers alive)."""
@@ -49,6 +59,8 @@ class AdminServer:
         self._ready = ready
         self._healthy = healthy
         self._server: asyncio.Server | None = None
+        self._max_connections = max_connections
+        self._connections = 0
 
     async def start(self) -> None:
         # The reader's limit caps the request head: readuntil() fails beyond it.
@@ -77,6 +89,16 @@ class AdminServer:
             self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._connections >= self._max_connections:
+            writer.close()  # over the cap: no reading, no probing
+            return
+        self._connections += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._connections -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(_READ_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")

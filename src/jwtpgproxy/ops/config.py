@@ -46,7 +46,13 @@ from ..auth.tokens import (
 from ..errors import ConfigError
 from ..logs import event
 from ..protocol.frontend import DownstreamSSLMode
-from ..protocol.login import ChannelBindingPolicy
+from ..protocol.login import (
+    ALL_AUTH_METHODS,
+    AuthMethod,
+    ChannelBindingPolicy,
+    parse_require_auth,
+)
+from ..protocol.scram import DEFAULT_MAX_ITERATIONS, MAX_ITERATIONS
 from ..proxy.cancel import MIN_SECRET_BYTES, CancelKeys
 from ..proxy.connection import Keepalive
 from ..proxy.runtime import Downstream, Limits, Runtime
@@ -69,6 +75,11 @@ class UpstreamSettings(_Section):
     channel_binding: ChannelBindingPolicy = ChannelBindingPolicy.PREFER
     connect_timeout: float = Field(default=10.0, gt=0, le=600)
     allow_replication: bool = False
+    #: libpq's require_auth; unset: everything but password and none, unless the
+    #: connection is verified TLS or a Unix socket (see upstream_require_auth()).
+    require_auth: str | None = None
+    #: The highest SCRAM iteration count upstream may ask for (PostgreSQL's default: 4096).
+    scram_max_iterations: int = Field(default=DEFAULT_MAX_ITERATIONS, ge=4096, le=MAX_ITERATIONS)
 
 
 class DownstreamSettings(_Section):
@@ -125,6 +136,16 @@ class CancelSettings(_Section):
 _PROCESS_CANCEL_SECRET = os.urandom(32)
 
 
+class LoginThrottleSettings(_Section):
+    """Failed logins per source address (``LOGIN_THROTTLE__*``): a token bucket of
+    ``burst`` failures (0 = off), refilled at ``per_minute``; a source with an empty bucket
+    has its new connections refused. At most ``max_sources`` sources are tracked."""
+
+    burst: int = Field(default=20, ge=0, le=100_000)
+    per_minute: float = Field(default=10.0, gt=0, le=100_000)
+    max_sources: int = Field(default=10_000, ge=1, le=10_000_000)
+
+
 class LogFormat(enum.StrEnum):
     TEXT = "text"
     JSON = "json"
@@ -172,6 +193,8 @@ class JwksSettings(_Section):
     timeout: float = Field(default=10.0, gt=0, le=120)
     cafile: Path | None = None
     allow_http: bool = False
+    #: Keys from a source whose fetches have failed for this long are dropped.
+    max_staleness_seconds: float = Field(default=86400.0, gt=0, le=365 * 86400)
 
     @property
     def configured(self) -> bool:
@@ -206,6 +229,12 @@ class Settings(BaseSettings):
     #: Connections that have not finished login at once (slowloris bound); beyond it new
     #: connections are closed at once.
     max_pending_logins: int = Field(default=256, ge=1, le=100_000)
+    #: The same, per source address (IPv4 address or IPv6 /64): a few hundred silent
+    #: sockets from one address must not lock everybody else out.
+    max_pending_logins_per_source: int = Field(default=32, ge=1, le=100_000)
+    #: Seconds from accept() to the startup packet (TLS handshake included).
+    startup_timeout: float = Field(default=10.0, gt=0, le=600)
+    login_throttle: LoginThrottleSettings = LoginThrottleSettings()
     #: Seconds; sent upstream as PostgreSQL's idle_session_timeout (0 = off).
     idle_session_timeout: float = Field(default=0, ge=0, le=7 * 86400)
     #: Seconds a splice direction may hold unsent bytes without progress before it is
@@ -271,14 +300,47 @@ def _downstream_ssl_context(settings: DownstreamSettings) -> ssl.SSLContext | No
     return context
 
 
+#: ``UPSTREAM__SSLROOTCERT=system``: the system's trusted CAs (libpq 16), which forces
+#: verify-full: with the public CAs any certificate for any name would pass verify-ca.
+SSLROOTCERT_SYSTEM = "system"
+
+
+def _system_roots(settings: UpstreamSettings) -> bool:
+    return settings.sslrootcert is not None and str(settings.sslrootcert) == SSLROOTCERT_SYSTEM
+
+
+def upstream_sslmode(settings: UpstreamSettings) -> UpstreamSSLMode:
+    """The sslmode in force, checked as libpq does (libpq docs 34.19.1).
+
+    ``sslrootcert=system`` makes verify-full the default and any weaker mode given
+    explicitly an error; verify-ca needs a root certificate file, since against the public
+    CAs without host-name checking any publicly trusted certificate would pass."""
+    mode = settings.sslmode
+    if _system_roots(settings):
+        if "sslmode" not in settings.model_fields_set:
+            return UpstreamSSLMode.VERIFY_FULL
+        if mode is not UpstreamSSLMode.VERIFY_FULL:
+            raise ConfigError(
+                f"UPSTREAM__SSLMODE: {mode.value} may not be used with "
+                "UPSTREAM__SSLROOTCERT=system (use verify-full)"
+            )
+    elif mode is UpstreamSSLMode.VERIFY_CA and settings.sslrootcert is None:
+        raise ConfigError(
+            "UPSTREAM__SSLROOTCERT: required with UPSTREAM__SSLMODE=verify-ca (a CA file; "
+            "for the system CAs use UPSTREAM__SSLROOTCERT=system, which checks host names)"
+        )
+    return mode
+
+
 def upstream_ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | None:
     """An SSLContext implementing libpq's sslmode semantics for the upstream connection.
 
     allow/prefer/require encrypt without verifying -- except that "require" with a root
-    certificate behaves like verify-ca, as in libpq (libpq docs 34.19.1). verify-ca and
-    verify-full use UPSTREAM__SSLROOTCERT, or the system CAs when it is not set.
+    certificate behaves like verify-ca, as in libpq (libpq docs 34.19.1). verify-ca uses
+    UPSTREAM__SSLROOTCERT; verify-full uses it or, when it is unset or ``system``, the
+    system CAs.
     """
-    mode = settings.sslmode
+    mode = upstream_sslmode(settings)
     if mode is UpstreamSSLMode.DISABLE:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -292,13 +354,62 @@ def upstream_ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | None:
         return context
     context.verify_mode = ssl.CERT_REQUIRED
     try:
-        if settings.sslrootcert is not None:
+        if settings.sslrootcert is not None and not _system_roots(settings):
             context.load_verify_locations(cafile=str(settings.sslrootcert))
         else:
             context.load_default_certs()
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"UPSTREAM__SSLROOTCERT: cannot load CA certificates ({exc})") from None
     return context
+
+
+def _tls_verified(settings: UpstreamSettings, mode: UpstreamSSLMode) -> bool:
+    """Whether upstream's certificate is checked against a CA (libpq verify-ca or
+    stricter; "require" with a root certificate is verify-ca, as in libpq)."""
+    return mode in (UpstreamSSLMode.VERIFY_CA, UpstreamSSLMode.VERIFY_FULL) or (
+        mode is UpstreamSSLMode.REQUIRE and settings.sslrootcert is not None
+    )
+
+
+def upstream_require_auth(settings: UpstreamSettings) -> frozenset[AuthMethod]:
+    """UPSTREAM__REQUIRE_AUTH, or its default.
+
+    The default refuses ``password`` (the proxy's password in clear to whoever answers)
+    and ``none`` (trust: every query to whoever answers) unless upstream is a Unix socket
+    or TLS with a verified certificate -- where nobody can sit in the middle."""
+    if settings.require_auth is not None and settings.require_auth.strip():
+        try:
+            return parse_require_auth(settings.require_auth)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, setting="UPSTREAM__REQUIRE_AUTH") from None
+    if settings.host.startswith("/") or _tls_verified(settings, upstream_sslmode(settings)):
+        return ALL_AUTH_METHODS
+    return ALL_AUTH_METHODS - {AuthMethod.PASSWORD, AuthMethod.NONE}
+
+
+def _is_local(host: str) -> bool:
+    if host.startswith("/") or host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_upstream_interceptable(settings: UpstreamSettings) -> None:
+    """Start-up warning: over the network without verify-full, whoever sits between the
+    proxy and upstream can relay the proxy's login -- the one password that opens every
+    role -- to the real server, or (below verify-ca) read it."""
+    mode = upstream_sslmode(settings)
+    if not _is_local(settings.host) and mode is not UpstreamSSLMode.VERIFY_FULL:
+        event(
+            log,
+            WARNING,
+            "upstream connection can be intercepted: the proxy's login to upstream can be "
+            "relayed by anyone in the middle; set UPSTREAM__SSLMODE=verify-full",
+            upstream=settings.host,
+            sslmode=mode.value,
+        )
 
 
 def _key_order(index: str) -> tuple[int, str]:
@@ -398,17 +509,23 @@ def _jwks_source(settings: Settings) -> JwksKeySource | None:
             context = ssl.create_default_context(cafile=str(jwks.cafile))
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"JWKS__CAFILE: cannot load CA certificates ({exc})") from None
-    return JwksKeySource(
-        file=jwks.file,
-        url=jwks.url,
-        issuer=jwks.oidc_issuer,
-        name=f"JWKS__{given[0]}",
-        refresh_seconds=jwks.refresh_seconds,
-        min_refetch_seconds=jwks.min_refetch_seconds,
-        timeout=jwks.timeout,
-        ssl_context=context,
-        allow_http=jwks.allow_http,
-    )
+    try:
+        return JwksKeySource(
+            file=jwks.file,
+            url=jwks.url,
+            issuer=jwks.oidc_issuer,
+            name=f"JWKS__{given[0]}",
+            refresh_seconds=jwks.refresh_seconds,
+            min_refetch_seconds=jwks.min_refetch_seconds,
+            timeout=jwks.timeout,
+            ssl_context=context,
+            allow_http=jwks.allow_http,
+            max_staleness_seconds=jwks.max_staleness_seconds,
+        )
+    except ConfigError as exc:
+        if exc.setting == "max_staleness_seconds":
+            raise ConfigError(exc.message, setting="JWKS__MAX_STALENESS_SECONDS") from None
+        raise
 
 
 def _revocation_file(settings: Settings) -> RevocationFile | None:
@@ -473,6 +590,11 @@ def build_runtime(
             stall_seconds=settings.stall_warning_seconds,
             shutdown_delay=settings.shutdown_delay,
             cancel_forwards_per_second=settings.cancel.max_forwards_per_second,
+            max_pending_logins_per_source=settings.max_pending_logins_per_source,
+            startup_timeout=settings.startup_timeout,
+            login_throttle_burst=settings.login_throttle.burst,
+            login_throttle_per_minute=settings.login_throttle.per_minute,
+            login_throttle_max_sources=settings.login_throttle.max_sources,
         ),
         keepalive=upstream.keepalive,
         end_sessions_on_expiry=token.end_sessions_on_expiry,
@@ -490,9 +612,10 @@ def _cancel_keys(settings: CancelSettings) -> CancelKeys:
 def upstream_target(settings: Settings) -> UpstreamTarget:
     """Where and how to reach upstream (also used by the worker supervisor's /readyz)."""
     up = settings.upstream
-    if up.sslrootcert is not None and not up.sslrootcert.is_file():
+    if up.sslrootcert is not None and not _system_roots(up) and not up.sslrootcert.is_file():
         raise ConfigError(f"UPSTREAM__SSLROOTCERT: file not found: {up.sslrootcert}")
-    if up.channel_binding is ChannelBindingPolicy.REQUIRE and up.sslmode in (
+    sslmode = upstream_sslmode(up)
+    if up.channel_binding is ChannelBindingPolicy.REQUIRE and sslmode in (
         UpstreamSSLMode.DISABLE,
         UpstreamSSLMode.ALLOW,
         UpstreamSSLMode.PREFER,
@@ -504,13 +627,15 @@ def upstream_target(settings: Settings) -> UpstreamTarget:
         host=up.host,
         port=up.port,
         password=up.password.get_secret_value(),
-        sslmode=up.sslmode,
+        sslmode=sslmode,
         ssl_context=upstream_ssl_context(up),
         channel_binding=up.channel_binding,
         connect_timeout=up.connect_timeout,
         keepalive=Keepalive(
             settings.keepalive.idle, settings.keepalive.interval, settings.keepalive.count
         ),
+        require_auth=upstream_require_auth(up),
+        scram_max_iterations=up.scram_max_iterations,
     )
 
 
@@ -551,6 +676,7 @@ async def open_runtime(settings: Settings | None = None) -> AsyncIterator[Config
     JWKS source fetched and refreshing in the background until the block ends. Raise
     ConfigError naming the variable: a proxy that cannot verify any token does not start."""
     settings = load_settings() if settings is None else settings
+    warn_if_upstream_interceptable(settings.upstream)
     key_source = _jwks_source(settings)
     revocation = _revocation_file(settings)
     if key_source is not None:

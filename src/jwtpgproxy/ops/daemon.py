@@ -13,7 +13,7 @@ import functools
 import secrets
 
 from ..proxy.listener import ProxyServer
-from ..proxy.upstream import probe_upstream
+from ..proxy.upstream import CachedProbe, probe_upstream
 from .admin import AdminServer
 from .config import Settings, open_runtime, upstream_target
 from .workers import Supervisor, WorkerInfo, start_control_server
@@ -61,7 +61,7 @@ async def supervise(settings: Settings) -> int:
         settings.workers,
         metrics_host=settings.metrics.host,
         metrics_port=settings.metrics.port,
-        ready=functools.partial(probe_upstream, target),
+        ready=CachedProbe(functools.partial(probe_upstream, target)),
         env=secret,
     )
     return await supervisor.run()

@@ -15,13 +15,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import (
+    ConfigError,
     UpstreamAuthenticationFailed,
+    UpstreamAuthMethodRefused,
     UpstreamErrorResponse,
     UpstreamProtocolError,
     WireError,
 )
 from . import wire
-from .scram import MECHANISM, MECHANISM_PLUS, ScramSha256Client
+from .scram import (
+    DEFAULT_MAX_ITERATIONS,
+    MECHANISM,
+    MECHANISM_PLUS,
+    SALTED_KEYS,
+    KeyDerivation,
+    ScramSha256Client,
+)
 
 #: Upstream messages during login are small (ParameterStatus, errors); cap them.
 MAX_LOGIN_MESSAGE_LENGTH = 65536
@@ -38,6 +47,55 @@ class ChannelBindingPolicy(enum.StrEnum):
     DISABLE = "disable"
     PREFER = "prefer"
     REQUIRE = "require"
+
+
+class AuthMethod(enum.StrEnum):
+    """libpq's ``require_auth`` method names (libpq docs 34.1.2). gss, sspi and oauth are
+    known so that a libpq-style list parses, though the proxy never logs in with them."""
+
+    PASSWORD = "password"  # noqa: S105 (a method name: AuthenticationCleartextPassword)
+    MD5 = "md5"
+    GSS = "gss"
+    SSPI = "sspi"
+    SCRAM_SHA_256 = "scram-sha-256"  # with or without channel binding (-PLUS)
+    OAUTH = "oauth"
+    NONE = "none"  # AuthenticationOk with no authentication exchange ("trust")
+
+
+ALL_AUTH_METHODS = frozenset(AuthMethod)
+
+
+def parse_require_auth(text: str) -> frozenset[AuthMethod]:
+    """The methods a libpq ``require_auth`` list allows, as libpq reads it: a comma list of
+    method names allows exactly those; a list of ``!``-negated names allows every method
+    but those; mixing both forms, a name given twice, or an unknown name is an error
+    (libpq fe-connect.c). The empty list is libpq's "not set": every method."""
+    if not text.strip():
+        return ALL_AUTH_METHODS
+    names = [part.strip() for part in text.split(",")]
+    negated = names[0].startswith("!")
+    seen: set[AuthMethod] = set()
+    for name in names:
+        if name.startswith("!") != negated:
+            raise ConfigError(
+                "negative methods (!name) cannot be mixed with non-negative ones",
+                setting="require_auth",
+            )
+        bare = name[1:] if negated else name
+        try:
+            method = AuthMethod(bare)
+        except ValueError:
+            raise ConfigError(
+                f"invalid method {bare!r} (one of {', '.join(m.value for m in AuthMethod)})",
+                setting="require_auth",
+            ) from None
+        if method in seen:
+            raise ConfigError(f"method {bare!r} given more than once", setting="require_auth")
+        seen.add(method)
+    allowed = ALL_AUTH_METHODS - seen if negated else frozenset(seen)
+    if not allowed:
+        raise ConfigError("allows no method at all", setting="require_auth")
+    return allowed
 
 
 class Phase(enum.Enum):
@@ -84,7 +142,16 @@ class LoginComplete:
     auth_method: str
 
 
-Event = NeedData | Send | LoginComplete
+@dataclass(frozen=True, slots=True)
+class DeriveKeys:
+    """Run ``derivation`` (PBKDF2: up to tens of milliseconds, more with a large iteration
+    count) away from the event loop, then pass its result to :meth:`UpstreamLogin.keys_derived`.
+    Only returned when the salted keys are not cached already."""
+
+    derivation: KeyDerivation
+
+
+Event = NeedData | Send | LoginComplete | DeriveKeys
 
 
 class UpstreamLogin:
@@ -97,8 +164,14 @@ class UpstreamLogin:
         channel_binding: ChannelBindingPolicy = ChannelBindingPolicy.PREFER,
         tls_server_end_point: bytes | None = None,
         protocol_minor: int = 0,
+        require_auth: frozenset[AuthMethod] = ALL_AUTH_METHODS,
+        scram_max_iterations: int = DEFAULT_MAX_ITERATIONS,
     ) -> None:
         """``parameters``: the startup parameters to send (must include ``user``).
+
+        ``require_auth``: the authentication methods upstream may use (libpq's
+        ``require_auth``, see :func:`parse_require_auth`); any other is refused before a
+        password -- or, for ``none``, a query -- is sent.
 
         ``tls_server_end_point``: RFC 5929 channel binding data of the TLS connection
         (None when the connection is plaintext or the certificate's hash is unknown).
@@ -111,6 +184,10 @@ class UpstreamLogin:
         self._binding_policy = channel_binding
         self._binding_data = tls_server_end_point
         self._requested_minor = protocol_minor
+        self._require_auth = require_auth
+        self._scram_max_iterations = scram_max_iterations
+        self._derivation: KeyDerivation | None = None
+        self._ready: Send | None = None  # client-final-message once the keys are derived
         #: The protocol minor version in force with upstream (after any negotiation).
         self.protocol_minor = protocol_minor
         self._first_message = True
@@ -137,7 +214,20 @@ class UpstreamLogin:
         """Bytes received after ReadyForQuery (asynchronous messages): relay them."""
         return self._buffer.take_all()
 
+    def keys_derived(self, keys: tuple[bytes, bytes]) -> None:
+        """The result of the :class:`DeriveKeys` returned last."""
+        if self._derivation is None or self._scram is None:
+            raise RuntimeError("keys_derived() without a pending DeriveKeys")
+        SALTED_KEYS.put(self._derivation, keys)
+        self._derivation = None
+        self._ready = Send(wire.sasl_response(self._scram.client_final_message(keys)))
+
     def next_event(self) -> Event:
+        if self._derivation is not None:
+            raise RuntimeError("next_event() before keys_derived()")
+        if self._ready is not None:
+            ready, self._ready = self._ready, None
+            return ready
         try:
             while True:
                 message = self._buffer.read_typed(MAX_LOGIN_MESSAGE_LENGTH)
@@ -219,20 +309,30 @@ class UpstreamLogin:
     ) -> Event | None:
         self._require_binding_possible(code)
         if code == wire.AUTH_OK:
+            # No authentication exchange at all: "trust" upstream -- or a man in the middle
+            # that wants the session's queries without knowing any password.
+            self._require_method(AuthMethod.NONE)
             return self._authenticated(message)
         if code == wire.AUTH_CLEARTEXT_PASSWORD:
+            self._require_method(AuthMethod.PASSWORD)
             self._method = "password"
             return Send(wire.password_message(self._password.encode("utf-8")))
         if code == wire.AUTH_MD5_PASSWORD:
+            self._require_method(AuthMethod.MD5)
             if len(data) != 4:
                 raise UpstreamProtocolError("MD5 salt of invalid length")
             self._method = "md5"
             return Send(wire.password_message(md5_password(self._password, self._user, data)))
         if code == wire.AUTH_SASL:
+            self._require_method(AuthMethod.SCRAM_SHA_256)
             return self._start_sasl(wire.decode_sasl_mechanisms(data))
         raise UpstreamAuthenticationFailed(
             f"upstream asks for authentication method {code}, which the proxy does not support"
         )
+
+    def _require_method(self, method: AuthMethod) -> None:
+        if method not in self._require_auth:
+            raise UpstreamAuthMethodRefused(method.value, sorted(self._require_auth))
 
     def _require_binding_possible(self, code: int) -> None:
         if self._binding_policy is ChannelBindingPolicy.REQUIRE and code != wire.AUTH_SASL:
@@ -248,7 +348,11 @@ class UpstreamLogin:
         if self._binding_policy is ChannelBindingPolicy.DISABLE:
             binding = None
         if binding is not None and MECHANISM_PLUS in mechanisms:
-            self._scram = ScramSha256Client(self._password, channel_binding=binding)
+            self._scram = ScramSha256Client(
+                self._password,
+                channel_binding=binding,
+                max_iterations=self._scram_max_iterations,
+            )
             self._method = "scram-sha-256-plus"
         elif self._binding_policy is ChannelBindingPolicy.REQUIRE:
             raise UpstreamAuthenticationFailed(
@@ -258,7 +362,9 @@ class UpstreamLogin:
             # GS2 flag "y" when we could bind but the server did not offer PLUS: the server
             # then detects a downgrade by a man in the middle (RFC 5802 section 6).
             self._scram = ScramSha256Client(
-                self._password, server_supports_binding=binding is not None
+                self._password,
+                server_supports_binding=binding is not None,
+                max_iterations=self._scram_max_iterations,
             )
             self._method = "scram-sha-256"
         else:
@@ -273,7 +379,12 @@ class UpstreamLogin:
     def _on_sasl(self, code: int, data: bytes, message: wire.BackendMessage) -> Event | None:
         assert self._scram is not None
         if code == wire.AUTH_SASL_CONTINUE:
-            return Send(wire.sasl_response(self._scram.handle_server_first(data)))
+            derivation = self._scram.receive_server_first(data)
+            keys = SALTED_KEYS.get(derivation)
+            if keys is None:
+                self._derivation = derivation
+                return DeriveKeys(derivation)
+            return Send(wire.sasl_response(self._scram.client_final_message(keys)))
         if code == wire.AUTH_SASL_FINAL:
             self._scram.handle_server_final(data)
             return None

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import hmac
 import secrets
 import stringprep
 import unicodedata
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from ..errors import ScramError
 
@@ -24,7 +25,12 @@ MECHANISM_PLUS = "SCRAM-SHA-256-PLUS"
 CHANNEL_BINDING_TYPE = "tls-server-end-point"
 
 #: Bounds on what a (possibly hostile) server may make us do.
-MAX_ITERATIONS = 1_000_000  # PostgreSQL's default is 4096; PBKDF2 cost is linear in this
+#: PostgreSQL's default scram_iterations is 4096; PBKDF2's cost is linear in the count
+#: (10^6 took 0.57 s of CPU), so a server -- or whoever answers in its place -- choosing a
+#: huge count makes each login that expensive. The default cap is 100000 (about 60 ms).
+DEFAULT_MAX_ITERATIONS = 100_000
+#: The highest cap a configuration may set.
+MAX_ITERATIONS = 10_000_000
 MAX_NONCE_LENGTH = 1024
 MAX_SALT_LENGTH = 1024
 _RAW_NONCE_LENGTH = 18  # as libpq (SCRAM_RAW_NONCE_LEN)
@@ -72,19 +78,65 @@ def saslprep(password: str) -> str:
     return normalized
 
 
-@functools.lru_cache(maxsize=256)
-def _salted_keys(password: bytes, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
-    """(ClientKey, ServerKey) for a password/salt/iteration triple.
+@dataclass(frozen=True, slots=True)
+class KeyDerivation:
+    """The PBKDF2 a SCRAM exchange needs (RFC 5802 section 3, SaltedPassword): a pure
+    function of its fields, safe to run in a worker thread (hashlib releases the GIL)."""
+
+    password: bytes = field(repr=False)
+    salt: bytes
+    iterations: int
+
+    def derive(self) -> tuple[bytes, bytes]:
+        """(ClientKey, ServerKey)."""
+        salted = hashlib.pbkdf2_hmac("sha256", self.password, self.salt, self.iterations)
+        return (
+            hmac.digest(salted, b"Client Key", "sha256"),
+            hmac.digest(salted, b"Server Key", "sha256"),
+        )
+
+
+class SaltedKeyCache:
+    """(ClientKey, ServerKey) by password, salt and iteration count, bounded (LRU).
 
     PBKDF2 dominates the cost of a login; the proxy logs in with the same password for every
-    session of a role, so the result is cached (the salt and count change only when the
-    role's password is reset). The cache holds derived keys, never the password itself.
+    session of a role, so the result is kept (the salt and count change only when the role's
+    password is reset). The keys are HMAC(a random per-process key, password), salt, count:
+    the cache never holds the password, nor a hash of it that could be attacked offline
+    without that key. Used from the event loop's thread only.
     """
-    salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
-    return (
-        hmac.digest(salted, b"Client Key", "sha256"),
-        hmac.digest(salted, b"Server Key", "sha256"),
-    )
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self._maxsize = maxsize
+        self._secret = secrets.token_bytes(32)
+        self._entries: OrderedDict[tuple[bytes, bytes, int], tuple[bytes, bytes]] = OrderedDict()
+
+    def _key(self, derivation: KeyDerivation) -> tuple[bytes, bytes, int]:
+        tag = hmac.digest(self._secret, derivation.password, "sha256")
+        return (tag, derivation.salt, derivation.iterations)
+
+    def get(self, derivation: KeyDerivation) -> tuple[bytes, bytes] | None:
+        key = self._key(derivation)
+        keys = self._entries.get(key)
+        if keys is not None:
+            self._entries.move_to_end(key)
+        return keys
+
+    def put(self, derivation: KeyDerivation, keys: tuple[bytes, bytes]) -> None:
+        self._entries[self._key(derivation)] = keys
+        self._entries.move_to_end(self._key(derivation))
+        while len(self._entries) > self._maxsize:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+#: The process's cache (one event loop per process).
+SALTED_KEYS = SaltedKeyCache()
 
 
 def _b64(data: bytes) -> str:
@@ -122,6 +174,7 @@ class ScramSha256Client:
         server_supports_binding: bool = False,
         client_nonce: str | None = None,
         username: str = "",
+        max_iterations: int = DEFAULT_MAX_ITERATIONS,
     ) -> None:
         """``channel_binding``: tls-server-end-point data, given only when binding is used.
 
@@ -139,6 +192,8 @@ class ScramSha256Client:
         self._nonce = client_nonce or _b64(secrets.token_bytes(_RAW_NONCE_LENGTH))
         self._client_first_bare = f"n={username},r={self._nonce}"
         self._expected_server_signature: bytes | None = None
+        self._max_iterations = max_iterations
+        self._server_first: tuple[str, str] | None = None  # (server-first, nonce)
         self.done = False
 
     @property
@@ -149,8 +204,19 @@ class ScramSha256Client:
         return (self._gs2_header + self._client_first_bare).encode("ascii")
 
     def handle_server_first(self, data: bytes) -> bytes:
-        """Check server-first-message; return client-final-message."""
-        if self._expected_server_signature is not None:
+        """Check server-first-message; return client-final-message (PBKDF2 inline, cached:
+        see :meth:`receive_server_first` to run it elsewhere)."""
+        derivation = self.receive_server_first(data)
+        keys = SALTED_KEYS.get(derivation)
+        if keys is None:
+            keys = derivation.derive()
+            SALTED_KEYS.put(derivation, keys)
+        return self.client_final_message(keys)
+
+    def receive_server_first(self, data: bytes) -> KeyDerivation:
+        """Check server-first-message; return the PBKDF2 to run before
+        :meth:`client_final_message` (look it up in :data:`SALTED_KEYS` first)."""
+        if self._server_first is not None:
             raise ScramError("server-first-message received twice")
         try:
             server_first = data.decode("ascii")
@@ -172,10 +238,22 @@ class ScramSha256Client:
         salt = _b64decode(salt_b64, "salt")
         if not salt:
             raise ScramError("empty salt")
-        if not iterations_text.isdigit() or not 1 <= int(iterations_text) <= MAX_ITERATIONS:
+        if not iterations_text.isdigit() or len(iterations_text) > 10:
             raise ScramError("iteration count out of range")
-        client_key, server_key = _salted_keys(self._password, salt, int(iterations_text))
+        iterations = int(iterations_text)
+        if not 1 <= iterations <= self._max_iterations:
+            raise ScramError(
+                f"iteration count {iterations} out of range (at most {self._max_iterations})"
+            )
+        self._server_first = (server_first, nonce)
+        return KeyDerivation(self._password, salt, iterations)
 
+    def client_final_message(self, keys: tuple[bytes, bytes]) -> bytes:
+        """client-final-message, from the (ClientKey, ServerKey) of the derivation."""
+        if self._server_first is None or self._expected_server_signature is not None:
+            raise ScramError("client-final-message out of order")
+        server_first, nonce = self._server_first
+        client_key, server_key = keys
         cbind_input = self._gs2_header.encode("ascii") + (self._channel_binding or b"")
         without_proof = f"c={_b64(cbind_input)},r={nonce}"
         auth_message = ",".join((self._client_first_bare, server_first, without_proof)).encode(

@@ -4,7 +4,10 @@ shuts down in order.
 Limits: beyond ``MAX_CLIENT_CONNECTIONS`` a client gets FATAL 53300 once its startup packet
 is read (before any password is asked); beyond ``MAX_PENDING_LOGINS`` connections that have
 not finished login, new connections are closed at once -- with the authentication deadline,
-this bounds what stalled clients can hold.
+this bounds what stalled clients can hold. ``MAX_PENDING_LOGINS_PER_SOURCE`` does the same
+per source address (IPv4 address, IPv6 /64), so that one address cannot take every slot;
+and a source whose failed logins exhausted its token bucket (``LOGIN_THROTTLE__*``) has its
+new connections closed at once until a token has grown back.
 
 Shutdown (SIGTERM, or the first SIGINT): report not-ready at once, keep accepting for
 ``SHUTDOWN_DELAY`` seconds (while a load balancer notices), stop accepting, let sessions
@@ -24,13 +27,14 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from logging import INFO, WARNING
 
-from ..errors import ConfigError, TokenRevoked
+from ..errors import AuthenticationFailed, ConfigError, TokenRevoked
 from ..logs import event
 from .cancel import CancelRegistry
 from .metrics import Metrics
 from .runtime import Runtime
 from .session import ServerContext, Session
-from .upstream import probe_upstream, terminate_backends
+from .throttle import FailedLoginThrottle, source_key
+from .upstream import CachedProbe, probe_upstream, terminate_backends
 
 log = logging.getLogger("jwtpgproxy")
 
@@ -66,7 +70,19 @@ class ProxyServer:
         self._listeners: list[socket.socket] = []
         self._stopping = asyncio.Event()
         self._pending = 0  # sessions accepted that have not finished login
+        #: Pending sessions' sources, and how many each source has.
+        self._pending_source: dict[Session, str] = {}
+        self._pending_by_source: dict[str, int] = defaultdict(int)
+        limits = runtime.limits
+        self._throttle = FailedLoginThrottle(
+            burst=limits.login_throttle_burst,
+            per_minute=limits.login_throttle_per_minute,
+            max_sources=limits.login_throttle_max_sources,
+        )
         self._interrupts = 0
+        self._probe = CachedProbe(
+            lambda: probe_upstream(self.runtime.upstream, _READY_PROBE_TIMEOUT)
+        )
 
     @property
     def runtime(self) -> Runtime:
@@ -113,7 +129,7 @@ class ProxyServer:
         limits = self.runtime.limits
         for _ in range(_ACCEPT_BATCH):
             try:
-                sock, _ = listener.accept()
+                sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -134,6 +150,10 @@ class ProxyServer:
                 )
                 sock.close()
                 continue
+            source = source_key(address)
+            if not self._admit_source(source, limits.max_pending_logins_per_source):
+                sock.close()
+                continue
             over_limit = len(self._tasks) >= limits.max_client_connections
             if over_limit:
                 self.metrics.connections_refused.labels("max_client_connections").inc()
@@ -142,19 +162,63 @@ class ProxyServer:
                 self.context, sock, over_limit=over_limit, on_spliced=self._on_spliced
             )
             self._pending += 1
+            self._pending_source[session] = source
+            self._pending_by_source[source] += 1
             self.metrics.connections_open.inc()
             task = loop.create_task(session.run())
             self._tasks[task] = session
             task.add_done_callback(self._on_session_done)
 
-    def _on_spliced(self, session: Session) -> None:
+    def _admit_source(self, source: str, max_pending: int) -> bool:
+        """Per-source limits at accept(); refusals are closed without a word (reading even
+        a startup packet costs what the limits are there to bound)."""
+        if self._pending_by_source.get(source, 0) >= max_pending:
+            self.metrics.connections_refused.labels("max_pending_logins_per_source").inc()
+            event(
+                log,
+                WARNING,
+                "connection refused: too many pending logins from this source",
+                source=source,
+                pending=self._pending_by_source[source],
+            )
+            return False
+        if not self._throttle.allows(source):
+            self.metrics.connections_refused.labels("login_throttle").inc()
+            return False
+        return True
+
+    def _release_pending(self, session: Session) -> None:
+        source = self._pending_source.pop(session, None)
+        if source is None:
+            return
         self._pending -= 1
+        left = self._pending_by_source[source] - 1
+        if left > 0:
+            self._pending_by_source[source] = left
+        else:
+            del self._pending_by_source[source]
+        failure = session.failure
+        if (
+            failure is not None
+            and issubclass(failure, AuthenticationFailed)
+            and self._throttle.failed(source)
+        ):
+            self.metrics.login_throttled_sources.inc()
+            event(
+                log,
+                WARNING,
+                "source throttled: too many failed logins",
+                source=source,
+                retry_after=f"{self._throttle.retry_after(source):.0f}s",
+            )
+
+    def _on_spliced(self, session: Session) -> None:
+        self._release_pending(session)
 
     def _on_session_done(self, task: asyncio.Task[None]) -> None:
         session = self._tasks.pop(task)
         self.metrics.connections_open.dec()
-        if not session.spliced:
-            self._pending -= 1
+        self._release_pending(session)
 
     def _resume_accepting(self, listener: socket.socket) -> None:
         if listener.fileno() >= 0:  # not closed by shutdown()
@@ -214,7 +278,7 @@ class ProxyServer:
         """Readiness: accepting, and upstream accepts a TCP connection."""
         if self._stopping.is_set():
             return False, "shutting down"
-        return await probe_upstream(self.runtime.upstream, _READY_PROBE_TIMEOUT)
+        return await self._probe()
 
     def end_revoked_sessions(self) -> None:
         """With end_sessions_on_revocation, end the live sessions whose token the current
@@ -247,6 +311,12 @@ class ProxyServer:
             event(log, WARNING, "reload failed: keeping the running configuration", error=exc)
         else:
             self.context.runtime = runtime
+            limits = runtime.limits
+            self._throttle.configure(
+                burst=limits.login_throttle_burst,
+                per_minute=limits.login_throttle_per_minute,
+                max_sources=limits.login_throttle_max_sources,
+            )
             self.metrics.config_reloads.labels("ok").inc()
             event(log, INFO, "reloaded", sessions=len(self._tasks))
         self.end_revoked_sessions()

@@ -64,6 +64,11 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        self.login_throttled_sources = Counter(
+            "jwtpgproxy_login_throttled_sources",
+            "Times a source address was throttled for its failed logins",
+            registry=r,
+        )
         self.logins = Counter(
             "jwtpgproxy_logins",
             "Login attempts by outcome and failure reason",

@@ -52,6 +52,16 @@ class Limits:
     #: CancelRequests with a 3.0 key for a session of another worker or replica, which
     #: cannot be verified, forwarded per second and source address at most.
     cancel_forwards_per_second: float = 10.0
+    #: Connections from one source (IPv4 address, IPv6 /64) not yet logged in, at once.
+    max_pending_logins_per_source: int = 32
+    #: From accept() to the startup packet (TLS handshake included); much shorter than
+    #: authentication_timeout, which also covers the password and the upstream login.
+    startup_timeout: float = 10.0
+    #: Failed logins per source: a token bucket of ``login_throttle_burst`` tokens (0 =
+    #: off) refilled at ``login_throttle_per_minute``, for at most ``..._max_sources``.
+    login_throttle_burst: int = 20
+    login_throttle_per_minute: float = 10.0
+    login_throttle_max_sources: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,6 +151,12 @@ class Session:
         self._cancel_entry: CancelEntry | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
         self.protocol_minor = 0
+        #: The class of the error that ended the session before the splice (a class, not
+        #: the exception: its traceback would tie the session into a reference cycle).
+        self.failure: type[ProxyError] | None = None
+        #: The startup-packet deadline while it runs, lifted once the startup packet is in
+        #: (held only meanwhile: the Timeout refers to this session's task).
+        self._startup_deadline: asyncio.Timeout | None = None
 
     def _move(self, new: Phase) -> None:
         if new not in _TRANSITIONS[self.phase]:
@@ -221,11 +227,21 @@ class Session:
             )
 
     async def _run(self) -> None:
-        timeout = self.runtime.limits.authentication_timeout
+        limits = self.runtime.limits
+        timeout = limits.authentication_timeout
+        startup_expired = False
         try:
             async with asyncio.timeout(timeout):
-                direct_tls = await self._accept()
-                received = await self._client_handshake(direct_tls)
+                # A shorter deadline until the startup packet is in: a silent socket holds
+                # a pending-login slot for seconds, not for the whole login deadline.
+                try:
+                    async with asyncio.timeout(min(limits.startup_timeout, timeout)) as startup:
+                        self._startup_deadline = startup
+                        direct_tls = await self._accept()
+                        received = await self._client_handshake(direct_tls)
+                finally:
+                    startup_expired = startup.expired()
+                    self._startup_deadline = startup = None  # type: ignore[assignment]
                 if received is None:
                     return  # a CancelRequest: handled, no reply
                 self._move(Phase.VERIFYING)
@@ -233,6 +249,10 @@ class Session:
                 self._move(Phase.LOGGING_IN)
                 upstream = await self._login_upstream(received.startup, identity)
         except TimeoutError:
+            if startup_expired:
+                raise HandshakeTimeout(
+                    f"no startup packet within {limits.startup_timeout:g}s"
+                ) from None
             raise HandshakeTimeout(f"authentication not completed within {timeout:g}s") from None
         await self._splice_with(upstream, received.leftover)
 
@@ -296,6 +316,8 @@ class Session:
                 await self._start_client_tls(step)
                 machine.tls_established()
             elif isinstance(step, frontend.PasswordRequested):
+                if self._startup_deadline is not None:
+                    self._startup_deadline.reschedule(None)  # authentication_timeout rules
                 self.startup = step.startup
                 if self._over_limit:
                     raise TooManyConnections("max_client_connections reached")
@@ -304,6 +326,8 @@ class Session:
                 self.protocol_minor = machine.protocol_minor
                 return _Startup(step.startup, step.password, machine.leftover())
             else:  # CancelReceived
+                if self._startup_deadline is not None:
+                    self._startup_deadline.reschedule(None)  # forwarding has its own
                 self._move(Phase.CANCEL)
                 await self._handle_cancel(step.request, tls=machine.tls)
                 return None
@@ -422,6 +446,8 @@ class Session:
 
     def _fail(self, exc: ProxyError) -> None:
         """Log ``exc`` and, where the protocol allows, send it to the client."""
+        if self.phase is not Phase.SPLICED:
+            self.failure = type(exc)
         fields = {"user": self.user, "database": self.database, "client": self.peer}
         if isinstance(exc, AuthenticationFailed | UpstreamAuthenticationFailed):
             event(log, WARNING, "authentication failed", **fields, reason=exc.reason)

@@ -44,6 +44,9 @@ WRITE_HIGH_WATER = 512 * 1024
 WRITE_LOW_WATER = 128 * 1024
 #: After one side is gone, how long the other may take to flush and close.
 CLOSE_GRACE_SECONDS = 10.0
+#: How long end_with() waits for upstream's next message boundary before it aborts both
+#: sides (a client that stopped reading holds upstream mid-message for ever).
+END_WITH_DEADLINE_SECONDS = 5.0
 
 
 class MessageBoundaries:
@@ -225,13 +228,14 @@ class EndableHalf(Half):
     """The upstream -> client half of a session the proxy may end: it tracks message
     boundaries so :meth:`end_with` can put a final message between two of upstream's."""
 
-    __slots__ = ("_ended", "_final", "boundaries")
+    __slots__ = ("_deadline", "_ended", "_final", "boundaries")
 
     def __init__(self, splice: Splice, own: asyncio.Transport, peer: asyncio.Transport) -> None:
         super().__init__(splice, own, peer)
         self.boundaries = MessageBoundaries()
         self._final: bytes | None = None
         self._ended = False
+        self._deadline: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._ended:
@@ -254,10 +258,32 @@ class EndableHalf(Half):
         self._final = final
         if self.boundaries.at_boundary:
             self._deliver_final()
+            return
+        # No boundary may ever come (upstream paused because the client stopped reading,
+        # or silent mid-message): then the session ends without its final message.
+        self._deadline = asyncio.get_running_loop().call_later(
+            END_WITH_DEADLINE_SECONDS, self._end_overdue
+        )
+
+    def _end_overdue(self) -> None:
+        self._deadline = None
+        splice = self._splice()
+        if splice is not None:
+            splice.abort()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def release(self) -> None:
+        self._cancel_deadline()  # the session is over: the timer must not keep us
+        super().release()
 
     def _deliver_final(self) -> None:
         assert self._final is not None
         self._ended = True
+        self._cancel_deadline()
         self.peer.write(self._final)
         splice = self._splice()
         if splice is not None:

@@ -11,7 +11,7 @@ import asyncio
 import enum
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -27,7 +27,8 @@ from ..errors import (
 )
 from ..protocol import login as login_sm
 from ..protocol import wire
-from ..protocol.login import ChannelBindingPolicy
+from ..protocol.login import ALL_AUTH_METHODS, AuthMethod, ChannelBindingPolicy
+from ..protocol.scram import DEFAULT_MAX_ITERATIONS
 from .connection import HandshakeProtocol, Keepalive
 
 
@@ -54,6 +55,10 @@ class UpstreamTarget:
     channel_binding: ChannelBindingPolicy
     connect_timeout: float
     keepalive: Keepalive
+    #: The authentication methods upstream may use (libpq's require_auth).
+    require_auth: frozenset[AuthMethod] = ALL_AUTH_METHODS
+    #: The highest SCRAM iteration count accepted from upstream.
+    scram_max_iterations: int = DEFAULT_MAX_ITERATIONS
 
 
 _TLS_REQUIRED = frozenset(
@@ -111,6 +116,8 @@ async def _attempt(
             channel_binding=target.channel_binding,
             tls_server_end_point=binding,
             protocol_minor=protocol_minor,
+            require_auth=target.require_auth,
+            scram_max_iterations=target.scram_max_iterations,
         )
         protocol.write(machine.startup_bytes())
         while True:
@@ -119,6 +126,11 @@ async def _attempt(
                 protocol.write(event.data)
             elif isinstance(event, login_sm.LoginComplete):
                 return UpstreamConnection(protocol, event, tls, machine.leftover())
+            elif isinstance(event, login_sm.DeriveKeys):
+                # PBKDF2 in a thread (hashlib releases the GIL): on the loop it would stall
+                # every session of this worker for as long as it runs.
+                loop = asyncio.get_running_loop()
+                machine.keys_derived(await loop.run_in_executor(None, event.derivation.derive))
             else:
                 machine.receive_data(await protocol.read())
     except BaseException:
@@ -215,10 +227,20 @@ def _tls_server_end_point(protocol: HandshakeProtocol) -> bytes | None:
     return digest.finalize()
 
 
+#: The longest terminate_backends() may take, login and query included.
+TERMINATE_TIMEOUT_SECONDS = 5.0
+
+
 async def terminate_backends(
-    target: UpstreamTarget, role: str, database: str, pids: list[int]
+    target: UpstreamTarget,
+    role: str,
+    database: str,
+    pids: list[int],
+    timeout: float = TERMINATE_TIMEOUT_SECONDS,
 ) -> None:
-    """Ask upstream to end ``pids`` (backends of ``role``) with pg_terminate_backend().
+    """Ask upstream to end ``pids`` (backends of ``role``) with pg_terminate_backend(),
+    within ``timeout`` seconds (UpstreamUnavailable after it: a shutdown must not hang on
+    an upstream that accepts the connection and then says nothing).
 
     The proxy cannot inject an ErrorResponse into a spliced stream -- it does not know where
     messages begin -- but PostgreSQL can: each backend sends FATAL 57P01 "terminating
@@ -226,6 +248,18 @@ async def terminate_backends(
     reaches the client through the splice. A role may terminate its own backends, so the
     proxy logs in as that role, with the password it already uses for it.
     """
+    try:
+        async with asyncio.timeout(timeout):
+            await _terminate_backends(target, role, database, pids)
+    except TimeoutError:
+        raise UpstreamUnavailable(
+            f"upstream {describe(target)} did not terminate backends within {timeout:g}s"
+        ) from None
+
+
+async def _terminate_backends(
+    target: UpstreamTarget, role: str, database: str, pids: list[int]
+) -> None:
     pid_list = ",".join(str(int(pid)) for pid in pids)  # ints only: nothing to inject
     query = f"SELECT pg_terminate_backend(p) FROM unnest(ARRAY[{pid_list}]::int[]) p"  # noqa: S608
     connection = await open_upstream(target, {"user": role, "database": database})
@@ -244,8 +278,10 @@ async def terminate_backends(
             if message.tag == b"Z":
                 break
         protocol.write(wire.terminate())
-    finally:
-        protocol.close()
+    except BaseException:
+        protocol.abort()  # an error or the deadline: nothing worth flushing
+        raise
+    protocol.close()
 
 
 async def probe_upstream(target: UpstreamTarget, timeout: float = 2.0) -> tuple[bool, str]:
@@ -257,3 +293,34 @@ async def probe_upstream(target: UpstreamTarget, timeout: float = 2.0) -> tuple[
         return False, f"upstream not reachable: {exc}"
     protocol.close()
     return True, "ready"
+
+
+class CachedProbe:
+    """A readiness probe whose answer is reused for ``seconds`` and shared by concurrent
+    callers: however often /readyz is asked (its port may be open to a whole network),
+    upstream sees about one probe connection per ``seconds``."""
+
+    def __init__(
+        self, probe: Callable[[], Awaitable[tuple[bool, str]]], seconds: float = 1.0
+    ) -> None:
+        self._probe = probe
+        self._seconds = seconds
+        self._answer: tuple[float, tuple[bool, str]] | None = None
+        self._inflight: asyncio.Task[tuple[bool, str]] | None = None
+
+    async def __call__(self) -> tuple[bool, str]:
+        loop = asyncio.get_running_loop()
+        if self._answer is not None and loop.time() - self._answer[0] < self._seconds:
+            return self._answer[1]
+        if self._inflight is None:
+            self._inflight = loop.create_task(self._run())
+        # Shielded: a caller that goes away does not cancel the probe others wait for.
+        return await asyncio.shield(self._inflight)
+
+    async def _run(self) -> tuple[bool, str]:
+        try:
+            answer = await self._probe()
+            self._answer = (asyncio.get_running_loop().time(), answer)
+            return answer
+        finally:
+            self._inflight = None
