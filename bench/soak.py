@@ -328,6 +328,9 @@ def main() -> int:
             "DOWNSTREAM__CERTFILE": certfile,
             "DOWNSTREAM__KEYFILE": keyfile,
             "LOG_LEVEL": "WARNING",
+            # All workers connect from 127.0.0.1 (the per-source default lets 32 log in at once).
+            "MAX_PENDING_LOGINS_PER_SOURCE": "100000",
+            "LOGIN_THROTTLE__BURST": "0",  # the bad-token action fails logins on purpose
         }
         log_path = Path(tmp) / "proxy.log"
         with log_path.open("wb") as log:
