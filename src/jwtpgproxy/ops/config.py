@@ -47,6 +47,7 @@ from ..logs import event
 from ..protocol.frontend import DownstreamSSLMode
 from ..protocol.login import ChannelBindingPolicy
 from ..proxy.connection import Keepalive
+from ..proxy.pool import PoolMode, PoolSettings
 from ..proxy.runtime import Downstream, Limits, Runtime
 from ..proxy.upstream import UpstreamSSLMode, UpstreamTarget
 
@@ -100,6 +101,16 @@ class KeepaliveSettings(_Section):
     idle: int = Field(default=60, ge=1, le=7200)
     interval: int = Field(default=10, ge=1, le=600)
     count: int = Field(default=6, ge=1, le=50)
+
+
+class PoolSettingsModel(_Section):
+    """Session pooling (``POOL__*``): see jwtpgproxy.proxy.pool and the README."""
+
+    mode: PoolMode = PoolMode.NONE
+    max_idle_per_key: int = Field(default=20, ge=1, le=10_000)
+    max_idle: int = Field(default=100, ge=1, le=100_000)
+    idle_timeout: float = Field(default=60.0, gt=0, le=86400)
+    max_lifetime: float = Field(default=3600.0, gt=0, le=7 * 86400)
 
 
 class LogFormat(enum.StrEnum):
@@ -188,6 +199,7 @@ class Settings(BaseSettings):
     stall_warning_seconds: float = Field(default=30.0, ge=0, le=86400)
     keepalive: KeepaliveSettings = KeepaliveSettings()
     metrics: MetricsSettings = MetricsSettings()
+    pool: PoolSettingsModel = PoolSettingsModel()
     #: Worker processes sharing the listening port (SO_REUSEPORT); 1 = a single process.
     workers: int = Field(default=1, ge=1, le=64)
     log_level: str = "INFO"
@@ -449,6 +461,13 @@ def build_runtime(
         keepalive=upstream.keepalive,
         end_sessions_on_expiry=token.end_sessions_on_expiry,
         end_sessions_on_revocation=token.end_sessions_on_revocation,
+        pool=PoolSettings(
+            mode=settings.pool.mode,
+            max_idle_per_key=settings.pool.max_idle_per_key,
+            max_idle=settings.pool.max_idle,
+            idle_timeout=settings.pool.idle_timeout,
+            max_lifetime=settings.pool.max_lifetime,
+        ),
     )
 
 

@@ -8,11 +8,12 @@ in the proxy layer reads a setting or an environment variable. A session keeps t
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..auth.tokens import TokenVerifier
 from ..protocol.frontend import DownstreamSSLMode
 from .connection import Keepalive
+from .pool import PoolSettings
 from .upstream import UpstreamTarget
 
 
@@ -56,6 +57,8 @@ class Runtime:
     #: The proxy ends a session itself when its token expires / is revoked (FATAL 57P01).
     end_sessions_on_expiry: bool = False
     end_sessions_on_revocation: bool = False
+    #: Session pooling (POOL__*); off by default.
+    pool: PoolSettings = field(default_factory=PoolSettings)
 
     @property
     def endable_sessions(self) -> bool:
