@@ -28,6 +28,7 @@ from ..logs import event
 from ..protocol import wire
 from .cancel import CancelRegistry, cancel_session
 from .metrics import Metrics
+from .pool import Pool
 from .runtime import Runtime
 from .session import ServerContext, Session
 from .upstream import probe_upstream, terminate_backends
@@ -61,8 +62,9 @@ class ProxyServer:
         self._reuse_port = reuse_port
         self._background: set[asyncio.Task[None]] = set()
         self._tasks: dict[asyncio.Task[None], Session] = {}
+        metrics = Metrics(self._live_sessions)
         self.context = ServerContext(
-            runtime, CancelRegistry(), Metrics(self._live_sessions), cancel_on_peers
+            runtime, CancelRegistry(), metrics, cancel_on_peers, Pool(runtime.pool, metrics)
         )
         self._listeners: list[socket.socket] = []
         self._stopping = asyncio.Event()
@@ -256,6 +258,11 @@ class ProxyServer:
             event(log, WARNING, "reload failed: keeping the running configuration", error=exc)
         else:
             self.context.runtime = runtime
+            if self.context.pool is not None:
+                # Parked connections logged in with the old upstream password, for tokens
+                # checked with the old keys: none is handed out after a reload.
+                self.context.pool.settings = runtime.pool
+                self.context.pool.close_all("reload")
             self.metrics.config_reloads.labels("ok").inc()
             event(log, INFO, "reloaded", sessions=len(self._tasks))
         self.end_revoked_sessions()
@@ -293,12 +300,16 @@ class ProxyServer:
     async def shutdown(self) -> None:
         self._stopping.set()
         self._close_listeners()  # stop accepting; live connections are ours to end
+        if self.context.pool is not None:
+            self.context.pool.close_all("shutdown")  # and sessions ending now park nothing
         timeout = self.runtime.limits.shutdown_timeout
         if self._tasks:
             event(log, INFO, "draining", sessions=len(self._tasks), timeout=timeout)
             await asyncio.wait(list(self._tasks), timeout=timeout)
         if self._tasks:
             await self._end_remaining()
+        if self.context.pool is not None:
+            await self.context.pool.close()
         for task in self._background:
             task.cancel()
         event(log, INFO, "shutdown complete")

@@ -443,6 +443,7 @@ class Pool:
         self._idle: dict[PoolKey, deque[_Parked]] = {}
         self._count = 0
         self._generation = 0
+        self._shutting_down = False
         self._resets: set[asyncio.Task[None]] = set()
 
     @property
@@ -477,7 +478,7 @@ class Pool:
         returned connection's ``result.relay`` is the greeting to give the client, and
         application_name is the client's."""
         application_name = parameters.get("application_name")
-        while (parked := self._take(key)) is not None:
+        while not self._shutting_down and (parked := self._take(key)) is not None:
             try:
                 connection = await self._hand_out(parked, application_name)
             except (ProxyError, TimeoutError, OSError) as exc:
@@ -572,8 +573,8 @@ class Pool:
         self, lease: Lease, protocol: _UpstreamProtocol, parameters: dict[str, str]
     ) -> None:
         loop = asyncio.get_running_loop()
-        if lease.generation != self._generation:
-            self._discard(protocol, "reload")
+        if self._shutting_down or lease.generation != self._generation:
+            self._discard(protocol, "shutdown" if self._shutting_down else "reload")
             return
         if loop.time() - lease.created >= self.settings.max_lifetime:
             self._discard(protocol, "max_lifetime")
@@ -590,8 +591,8 @@ class Pool:
             self._discard(protocol, "reset_failed", error=exc)
             return
         self._metrics.pool_resets.labels("ok").inc()
-        if lease.generation != self._generation:
-            self._discard(protocol, "reload")
+        if self._shutting_down or lease.generation != self._generation:
+            self._discard(protocol, "shutdown" if self._shutting_down else "reload")
             return
         queue = self._idle.setdefault(lease.key, deque())
         if len(queue) >= self.settings.max_idle_per_key or self._count >= self.settings.max_idle:
@@ -664,6 +665,8 @@ class Pool:
         """Close every parked connection (reload: new password or keys; shutdown); those in
         use are not parked again when their session ends."""
         self._generation += 1
+        if reason == "shutdown":
+            self._shutting_down = True
         parked = [p for queue in self._idle.values() for p in queue]
         for item in parked:
             self._remove(item)

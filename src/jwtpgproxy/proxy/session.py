@@ -47,6 +47,7 @@ from ..protocol import frontend, wire
 from .cancel import CancelEntry, CancelRegistry, cancel_session, secret_length
 from .connection import HandshakeProtocol, format_peer
 from .metrics import Metrics
+from .pool import Lease, Pool, SessionTracking, pool_key
 from .runtime import Runtime
 from .splice import Splice
 from .upstream import UpstreamConnection, describe, open_upstream
@@ -113,6 +114,8 @@ class ServerContext:
     metrics: Metrics
     #: With several workers: ask the others to cancel a session this one does not have.
     cancel_on_peers: Callable[[wire.CancelRequest], Awaitable[bool]] | None = None
+    #: Parked upstream connections (POOL__MODE=session); None when pooling is off.
+    pool: Pool | None = None
 
 
 @dataclass(slots=True)
@@ -153,6 +156,10 @@ class Session:
         self._cancel_entry: CancelEntry | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
         self.protocol_minor = 0
+        #: The pooled upstream connection this session uses (session pooling only).
+        self._lease: Lease | None = None
+        self._tracking: SessionTracking | None = None
+        self._released = False
 
     def _move(self, new: Phase) -> None:
         if new not in _TRANSITIONS[self.phase]:
@@ -364,8 +371,37 @@ class Session:
             parameters["idle_session_timeout"] = f"{round(idle * 1000)}ms"
         started = time.monotonic()
         target = self.runtime.upstream
-        upstream = self.upstream = await open_upstream(target, parameters, self.protocol_minor)
-        self._context.metrics.upstream_login_seconds.observe(time.monotonic() - started)
+        pool = self._context.pool
+        key = (
+            pool_key(parameters, read_only=identity.read_only, protocol_minor=self.protocol_minor)
+            if pool is not None and pool.enabled and self.runtime.pool.enabled
+            else None
+        )
+        if pool is not None and key is not None:
+            upstream, self._lease = await pool.connect(
+                target,
+                parameters,
+                read_only=identity.read_only,
+                protocol_minor=self.protocol_minor,
+                key=key,
+                on_login=self._context.metrics.upstream_login_seconds.observe,
+            )
+            self.upstream = upstream
+            if self._lease.reused:
+                event(
+                    log,
+                    INFO,
+                    "upstream connection reused",
+                    user=self.user,
+                    database=self.database,
+                    client=self.peer,
+                    pid=self.upstream_pid,
+                    seconds=f"{time.monotonic() - started:.4f}",
+                )
+                return upstream
+        else:
+            upstream = self.upstream = await open_upstream(target, parameters, self.protocol_minor)
+            self._context.metrics.upstream_login_seconds.observe(time.monotonic() - started)
         event(
             log,
             INFO,
@@ -392,8 +428,20 @@ class Session:
         upstream_transport, upstream_rest = upstream.protocol.detach()
         if self.client.closed or upstream.protocol.closed:
             raise ClientDisconnected("a side closed while login completed")
+        halves = None
+        if self._lease is not None:
+            parameters = {}
+            for message in upstream.result.relay:
+                if message.tag == b"S":
+                    name, value = wire.decode_parameter_status(message.body)
+                    parameters[name] = value
+            self._tracking = SessionTracking(parameters, self._on_clean_end)
+            halves = self._tracking.halves
         self._splice = Splice(
-            client_transport, upstream_transport, endable=self.runtime.endable_sessions
+            client_transport,
+            upstream_transport,
+            endable=self.runtime.endable_sessions,
+            halves=halves,
         )
         self._splice.start(bytes(to_client) + upstream_rest, client_leftover + client_rest)
         self._move(Phase.SPLICED)
@@ -407,6 +455,28 @@ class Session:
         if self._on_spliced is not None:
             self._on_spliced(self)
         await self._splice.wait_closed()
+
+    def _on_clean_end(self, transport: asyncio.Transport, parameters: dict[str, str]) -> None:
+        """The client ended cleanly: upstream's connection goes back to the pool."""
+        pool, lease = self._context.pool, self._lease
+        assert pool is not None and lease is not None
+        self._released = True
+        pool.release(lease, transport, parameters, self.runtime.keepalive)
+
+    def _pool_outcome(self) -> None:
+        """A pooled session that did not give its connection back: count why."""
+        pool, splice, tracking = self._context.pool, self._splice, self._tracking
+        if pool is None or self._lease is None or self._released:
+            return
+        if splice is None or tracking is None:
+            reason = "login_failed"
+        elif splice.ending:
+            reason = "ended_by_proxy"
+        elif tracking.frontend.terminated:
+            reason = "not_idle"
+        else:
+            reason = "no_terminate"
+        pool.discard(reason)
 
     def _backend_key_data(self, upstream: UpstreamConnection) -> bytes:
         assert upstream.result.backend_key is not None
@@ -476,6 +546,7 @@ class Session:
 
     def _cleanup(self) -> None:
         self.phase = Phase.CLOSED
+        self._pool_outcome()
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
         if self._cancel_entry is not None:

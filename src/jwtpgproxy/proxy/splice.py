@@ -312,6 +312,12 @@ class Splice:
         if not self._released:
             yield self.upstream_half.own
 
+    @property
+    def ending(self) -> bool:
+        """The proxy is ending (or has ended) this session itself."""
+        half = self.upstream_half
+        return isinstance(half, EndableHalf) and half.ending
+
     def end_with(self, final: bytes) -> bool:
         """Give the client ``final`` (an ErrorResponse) between two of upstream's messages,
         then close; False if this splice was not built ``endable``."""
