@@ -270,7 +270,8 @@ class SessionTracking:
     ) -> None:
         self.frontend = FrontendTracker()
         self.backend = BackendTracker(parameters)
-        self.on_clean_end = on_clean_end
+        #: Set to None when the session ends (no reference from the halves back to it).
+        self.on_clean_end: Callable[[asyncio.Transport, dict[str, str]], None] | None = on_clean_end
 
     def clean(self) -> bool:
         """Whether upstream is idle with nothing of this client's left in it (see the
@@ -321,21 +322,16 @@ class TrackingClientHalf(Half):
         Half.data_received(self, data)
 
     def _release(self) -> bool:
-        upstream = self._splice.release_upstream()
+        splice, on_clean_end = self._splice(), self.tracking.on_clean_end
+        if splice is None or on_clean_end is None:
+            return False
+        upstream = splice.release_upstream()
         if upstream is None:  # the proxy is ending this session (expiry, revocation)
             return False
         self.released = True
-        self.tracking.on_clean_end(upstream, self.tracking.backend.parameters)
+        on_clean_end(upstream, self.tracking.backend.parameters)
         self.own.close()  # the client's Terminate is answered by closing, as PostgreSQL does
         return True
-
-    def pause_writing(self) -> None:
-        if not self.released:  # upstream's connection is no longer this splice's
-            super().pause_writing()
-
-    def resume_writing(self) -> None:
-        if not self.released:
-            super().resume_writing()
 
 
 class TrackingUpstreamHalf(EndableHalf):
@@ -394,6 +390,7 @@ class _UpstreamProtocol(HandshakeProtocol):
     def attach(self, transport: asyncio.Transport) -> None:
         """Take over ``transport`` from a splice half (no connection_made for that)."""
         self.transport = transport
+        self.connected = True
         transport.set_protocol(self)
         transport.resume_reading()  # a paused splice may have left it paused
 

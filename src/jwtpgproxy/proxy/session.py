@@ -424,8 +424,6 @@ class Session:
             to_client += message.encode()
         to_client += upstream.leftover
 
-        client_transport, client_rest = self.client.detach()
-        upstream_transport, upstream_rest = upstream.protocol.detach()
         if self.client.closed or upstream.protocol.closed:
             raise ClientDisconnected("a side closed while login completed")
         halves = None
@@ -437,6 +435,8 @@ class Session:
                     parameters[name] = value
             self._tracking = SessionTracking(parameters, self._on_clean_end)
             halves = self._tracking.halves
+        client_transport, client_rest = self.client.detach()
+        upstream_transport, upstream_rest = upstream.protocol.detach()
         self._splice = Splice(
             client_transport,
             upstream_transport,
@@ -547,13 +547,15 @@ class Session:
     def _cleanup(self) -> None:
         self.phase = Phase.CLOSED
         self._pool_outcome()
+        if self._tracking is not None:
+            self._tracking.on_clean_end = None  # no cycle session -> splice -> half -> session
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
         if self._cancel_entry is not None:
             self._context.cancels.unregister(self._cancel_entry)
         if self._splice is None:
             self.client.close()
-            if self.client.transport is None:
+            if not self.client.connected:
                 self._sock.close()  # never got a transport: the socket is still ours
             if self.upstream is not None:
                 self.upstream.protocol.abort()
