@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 import pytest
@@ -253,3 +254,63 @@ def test_pool_key_ignores_application_name_only() -> None:
     ):
         assert other != key
     assert pool_key({**base, "replication": "true"}, read_only=False, protocol_minor=0) is None
+
+
+# --- random splits: the fast path (whole headers) and the byte-wise path agree ------------
+
+
+def random_chunks(data: bytes, rng: random.Random) -> list[bytes]:
+    cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, min(40, len(data) - 1))))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+BACKEND_STREAM = (
+    GREETING
+    + msg(b"T", b"\0\x01a\0" + b"\0" * 18)
+    + msg(b"D", b"\0\x01\0\0\0\x05hello")
+    + msg(b"C", b"SELECT 1\0")
+    + rfq(b"I")
+    + msg(b"N", b"SNOTICE\0Mhi\0\0")
+    + ps("TimeZone", "Asia/Tokyo")
+    + msg(b"H", b"\0\0\0")
+    + msg(b"d", b"x" * 1000)
+    + msg(b"c")
+    + msg(b"C", b"COPY 1\0")
+    + rfq(b"T")
+    + msg(b"E", b"SERROR\0\0")
+    + rfq(b"E")
+    + msg(b"A", b"\0\0\0\x01chan\0payload\0")
+    + ps("application_name", "psql")
+)
+
+
+def test_backend_random_splits_agree_with_whole() -> None:
+    whole = backend_after([BACKEND_STREAM])
+    expected = (whole.ready, whole.status, whole.copy, whole.error, whole.errors)
+    assert expected == (4, b"E", False, False, 1)
+    assert whole.parameters == {
+        "application_name": "psql",
+        "TimeZone": "Asia/Tokyo",
+    }
+    rng = random.Random(15)
+    for _ in range(300):
+        tracker = backend_after(random_chunks(BACKEND_STREAM, rng))
+        assert (tracker.ready, tracker.status, tracker.copy, tracker.error, tracker.errors) == (
+            expected
+        )
+        assert tracker.parameters == whole.parameters and tracker.at_boundary
+        # Stopping at boundaries (EndableHalf) gives MessageBoundaries' offsets.
+        ours, theirs = BackendTracker(), MessageBoundaries()
+        for chunk in random_chunks(BACKEND_STREAM, rng):
+            assert ours.advance(chunk, stop_at_boundary=True) == theirs.advance(
+                chunk, stop_at_boundary=True
+            )
+
+
+def test_frontend_random_splits_agree_with_whole() -> None:
+    stream = query("select 1") + EXTENDED + msg(b"d", b"X" * 500) + EXTENDED[:-5]
+    stream += wire.terminate()
+    rng = random.Random(15)
+    for _ in range(300):
+        tracker, cut = frontend_after(random_chunks(stream, rng))
+        assert (tracker.syncs, tracker.unsynced, cut) == (3, True, len(stream) - 5)

@@ -41,6 +41,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -76,6 +77,9 @@ RESET_TIMEOUT = 5.0
 MAX_TRACKED_PARAMETER = 8192
 
 _Z, _S, _E = ord("Z"), ord("S"), ord("E")
+_HEADER = struct.Struct("!BI")  # a typed message's tag and length
+_LENGTH = struct.Struct("!I")
+_TRACKED = frozenset(b"ZSEGHW")  # the backend messages BackendTracker looks into
 _COPY_STARTS = frozenset(b"GHW")  # CopyInResponse, CopyOutResponse, CopyBothResponse
 _SYNC_POINTS = frozenset(b"QSF")  # Query, Sync, FunctionCall: each gets one ReadyForQuery
 _NEEDS_SYNC = frozenset(b"PBEDCH")  # Parse, Bind, Execute, Describe, Close, Flush
@@ -156,28 +160,84 @@ class BackendTracker:
 
     def advance(self, data: bytes, *, stop_at_boundary: bool = False) -> int | None:
         """Consume ``data`` (as :meth:`MessageBoundaries.advance
-        <jwtpgproxy.proxy.splice.MessageBoundaries.advance>`)."""
+        <jwtpgproxy.proxy.splice.MessageBoundaries.advance>`).
+
+        The fast path -- whole headers in ``data`` -- costs one ``unpack_from`` and a set
+        lookup per message; only messages split across reads take the byte-wise path."""
         pos, size = 0, len(data)
+        unpack = _HEADER.unpack_from
         while True:
-            if stop_at_boundary and self._remaining == 0 and not self._header:
-                return pos
-            if pos >= size:
-                return None
-            if self._remaining:
-                step = min(self._remaining, size - pos)
-                if self._body is not None:
-                    self._body += data[pos : pos + step]
-                self._remaining -= step
-                pos += step
-                if not self._remaining:
-                    self._finish()
+            if self._remaining or self._header:  # in a message split across reads
+                if pos >= size:
+                    return None
+                pos = self._continue(data, pos, size)
                 continue
+            if stop_at_boundary:
+                return pos
+            if size - pos < 5:
+                if pos < size:
+                    self._header += data[pos:]
+                return None
+            tag, length = unpack(data, pos)
+            start = pos + 5
+            end = start + max(length - 4, 0)
+            if tag in _TRACKED:
+                if end <= size:
+                    self._whole(tag, data, start, end)
+                    pos = end
+                else:
+                    self._begin(tag, length - 4)
+                    pos = start
+                continue
+            if end > size:
+                self._remaining = end - size
+                return None
+            pos = end
+
+    def _continue(self, data: bytes, pos: int, size: int) -> int:
+        """Go on with the message (or header) under way; return the new position."""
+        if self._header:
             step = min(5 - len(self._header), size - pos)
             self._header += data[pos : pos + step]
             pos += step
             if len(self._header) == 5:
-                self._begin(self._header[0], int.from_bytes(self._header[1:5], "big") - 4)
+                tag, length = _HEADER.unpack_from(self._header)
                 self._header.clear()
+                self._begin(tag, length - 4)
+            return pos
+        step = min(self._remaining, size - pos)
+        if self._body is not None:
+            self._body += data[pos : pos + step]
+        self._remaining -= step
+        pos += step
+        if not self._remaining:
+            self._finish()
+        return pos
+
+    def _whole(self, tag: int, data: bytes, start: int, end: int) -> None:
+        """A tracked message wholly inside ``data``."""
+        if tag == _Z:
+            self.ready += 1
+            self.status = data[start : start + 1]
+            self.copy = self.error = False
+        elif tag == _S:
+            if end - start > MAX_TRACKED_PARAMETER:
+                self.overflow = True
+            else:
+                self._parameter(data[start:end])
+        elif tag == _E:
+            self.error = True
+            self.errors += 1
+        else:
+            self.copy = True
+
+    def _parameter(self, body: bytes) -> None:
+        try:
+            name, value = wire.decode_parameter_status(body)
+        except WireError:
+            self.overflow = True
+            return
+        self.parameters[name] = value
 
     def _begin(self, tag: int, length: int) -> None:
         self._tag = tag
@@ -203,13 +263,8 @@ class BackendTracker:
             self.ready += 1
             self.status = bytes(body[:1])
             self.copy = self.error = False
-            return
-        try:
-            name, value = wire.decode_parameter_status(bytes(body))
-        except WireError:
-            self.overflow = True
-            return
-        self.parameters[name] = value
+        else:
+            self._parameter(bytes(body))
 
 
 class FrontendTracker:
@@ -232,29 +287,39 @@ class FrontendTracker:
         if self.terminated:
             return None
         pos, size = 0, len(data)
+        unpack = _LENGTH.unpack_from
         while pos < size:
             if self._remaining:
                 step = min(self._remaining, size - pos)
                 self._remaining -= step
                 pos += step
                 continue
-            if not self._header:
-                tag = data[pos]
-                if tag == _TERMINATE:
-                    self.terminated = True
-                    return pos
-                if tag in _SYNC_POINTS:
-                    self.syncs += 1
-                    if tag == _S:
-                        self.unsynced = False
-                elif tag in _NEEDS_SYNC:
-                    self.unsynced = True
-            step = min(5 - len(self._header), size - pos)
-            self._header += data[pos : pos + step]
-            pos += step
-            if len(self._header) == 5:
-                self._remaining = max(int.from_bytes(self._header[1:5], "big") - 4, 0)
-                self._header.clear()
+            if self._header:  # a header split across reads (its tag is counted already)
+                step = min(5 - len(self._header), size - pos)
+                self._header += data[pos : pos + step]
+                pos += step
+                if len(self._header) == 5:
+                    self._remaining = max(unpack(self._header, 1)[0] - 4, 0)
+                    self._header.clear()
+                continue
+            tag = data[pos]
+            if tag == _TERMINATE:
+                self.terminated = True
+                return pos
+            if tag in _SYNC_POINTS:
+                self.syncs += 1
+                if tag == _S:
+                    self.unsynced = False
+            elif tag in _NEEDS_SYNC:
+                self.unsynced = True
+            if size - pos < 5:
+                self._header += data[pos:]
+                return None
+            end = pos + 5 + max(unpack(data, pos + 1)[0] - 4, 0)
+            if end > size:
+                self._remaining = end - size
+                return None
+            pos = end
         return None
 
 
