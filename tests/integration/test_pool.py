@@ -293,12 +293,16 @@ def test_application_name_is_each_clients_own(either: Proxied, token: Callable[.
         assert one(conn, "show application_name") == ""
 
     _leaves_then_next_checks(either, token, act, check, application_name="app-one")
-    with connect(either, token(), application_name="app-two") as conn:
-        assert conn.info.parameter_status("application_name") == "app-two"
-        assert (
-            one(conn, "select application_name from pg_stat_activity where pid = pg_backend_pid()")
-            == "app-two"
-        )
+    # While parked a connection keeps its last client's name (no SET for a client that
+    # comes back with it); a client with another name, or none, still gets its own.
+    for name in ("app-two", "app-two", None, "app-two"):
+        extra = {"application_name": name} if name else {}
+        with connect(either, token(), **extra) as conn:
+            assert conn.info.parameter_status("application_name") == (name or "")
+            activity = "select application_name from pg_stat_activity where pid = pg_backend_pid()"
+            assert one(conn, activity) == (name or "")
+            mark = either.resets()
+        either.settle(mark)
 
 
 def test_parameter_status_changed_in_a_session_is_reset_for_the_next(

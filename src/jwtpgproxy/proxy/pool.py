@@ -26,8 +26,10 @@ brings each setting back to its value *from the startup packet* -- so parameters
 ``client_encoding``, ``DateStyle``, ``TimeZone``, ``search_path``, ``options`` or the
 ``default_transaction_read_only = on`` of a read-only token survive the reset and must match.
 ``application_name`` is the one that may differ (as PgBouncer does it): the proxy never sends
-it in the startup packet of a pooled connection, so its reset value is the server's default,
-and applies the client's value with ``SET`` after the login or the reset.
+it in the startup packet of a pooled connection, so its reset value is the server's default.
+After the reset the last client's value is SET again (off any client's path: most clients
+come back with the same name); a client handed the connection with another value gets it
+with ``SET``, one with none gets ``RESET application_name``, before its greeting.
 
 The message tracking this needs runs only for pooled sessions (other sessions keep the
 untracked splice halves, byte for byte as before) and is header bookkeeping: one loop step
@@ -376,15 +378,14 @@ class TrackingClientHalf(Half):
     released: bool
 
     def data_received(self, data: bytes) -> None:
+        self.bytes += len(data)
         if self.released:
-            self.bytes += len(data)  # nothing may follow a Terminate; nowhere to send it
-            return
-        cut = self.tracking.frontend.advance(data)
+            return  # nothing may follow a Terminate; nowhere to send it
         # Whatever precedes the Terminate in the same read was not answered yet (cut > 0).
-        if cut == 0 and self.tracking.clean() and self._release():
-            self.bytes += len(data)
+        tracking = self.tracking
+        if tracking.frontend.advance(data) == 0 and tracking.clean() and self._release():
             return
-        Half.data_received(self, data)
+        self._write(data)
 
     def _release(self) -> bool:
         splice, on_clean_end = self._splice(), self.tracking.on_clean_end
@@ -403,6 +404,15 @@ class TrackingUpstreamHalf(EndableHalf):
     """Upstream -> client; its message boundaries are the session's BackendTracker."""
 
     __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        if self._final is not None or self._ended:
+            EndableHalf.data_received(self, data)
+            return
+        # EndableHalf's common case in one frame: the hot path of a pooled session.
+        self.boundaries.advance(data)
+        self.bytes += len(data)
+        self._write(data)
 
 
 class BufferedTrackingClientHalf(_BufferedReads, TrackingClientHalf, asyncio.BufferedProtocol):
@@ -486,6 +496,9 @@ class Lease:
     created: float  # loop time of the upstream login
     generation: int
     reused: bool
+    #: The server's application_name for this connection when none is SET (what the
+    #: reset brings it back to): given to clients that send no application_name.
+    default_application_name: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -565,6 +578,7 @@ class Pool:
         )
         tracker = BackendTracker()
         tracker.advance(b"".join(m.encode() for m in fresh.result.relay))
+        lease.default_application_name = tracker.parameters.get("application_name")
         notices = tuple(m for m in fresh.result.relay if m.tag == b"N")
         leftover = fresh.leftover
         if application_name is not None and application_name != tracker.parameters.get(
@@ -576,7 +590,7 @@ class Pool:
             leftover = b""
             try:
                 async with asyncio.timeout(RESET_TIMEOUT):
-                    await _apply_settings(fresh.protocol, tracker, application_name)
+                    await _apply_settings(fresh.protocol, tracker, application_name, None)
             except BaseException:
                 fresh.protocol.abort()
                 raise
@@ -601,9 +615,11 @@ class Pool:
         protocol = parked.protocol
         protocol.on_activity = None
         tracker = BackendTracker(parked.parameters)
-        async with asyncio.timeout(RESET_TIMEOUT):
-            await _apply_settings(protocol, tracker, application_name)
         lease = parked.lease
+        async with asyncio.timeout(RESET_TIMEOUT):
+            await _apply_settings(
+                protocol, tracker, application_name, lease.default_application_name
+            )
         lease.reused = True
         result = login_sm.LoginComplete(
             relay=(), backend_key=lease.backend_key, auth_method="pooled"
@@ -642,9 +658,15 @@ class Pool:
             self._discard(protocol, "max_lifetime")
             return
         tracker = BackendTracker(parameters)
+        previous = parameters.get("application_name")
         try:
             async with asyncio.timeout(RESET_TIMEOUT):
                 await _simple_query(protocol, tracker, RESET_QUERY)
+                lease.default_application_name = tracker.parameters.get("application_name")
+                if previous is not None and previous != lease.default_application_name:
+                    # Off the next client's path: most clients reconnect with the same
+                    # application_name, and then need no SET when handed this connection.
+                    await _apply_settings(protocol, tracker, previous, None)
         except asyncio.CancelledError:
             protocol.abort()
             raise
@@ -766,16 +788,22 @@ def _greeting(
 
 
 async def _apply_settings(
-    protocol: HandshakeProtocol, tracker: BackendTracker, application_name: str | None
+    protocol: HandshakeProtocol,
+    tracker: BackendTracker,
+    application_name: str | None,
+    default: str | None,
 ) -> None:
-    """SET what may differ between clients sharing a backend (APPLIED_AFTER_RESET), unless
-    upstream already reports that value."""
+    """Give the connection the client's application_name (APPLIED_AFTER_RESET) -- or, for a
+    client that sent none, the server's ``default`` -- unless upstream already reports it.
+    (``default`` None: the connection has no other value than the default yet.)"""
     current = tracker.parameters.get("application_name")
-    if application_name is None or application_name == current:
-        return
-    await _simple_query(
-        protocol, tracker, f"SET application_name = {_dollar_quote(application_name)}"
-    )
+    if application_name is None:
+        if default is None or current == default:
+            return
+        await _simple_query(protocol, tracker, "RESET application_name")
+    elif application_name != current:
+        literal = _dollar_quote(application_name)
+        await _simple_query(protocol, tracker, f"SET application_name = {literal}")
 
 
 def _dollar_quote(value: str) -> str:
