@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -669,3 +672,57 @@ def test_node_postgres(pooled: Proxied, token: Callable[..., str]) -> None:
         return int(result.stdout.strip())
 
     _twice(pooled, run)
+
+
+def test_pooled_sessions_leave_no_reference_cycles(
+    start_proxy: Callable[..., ProxyProcess], token: Callable[..., str], tmp_path: Path
+) -> None:
+    """As test_data_path's check, with pooling: sessions that park their connection, that
+    reuse one, that leave mid-transaction or are aborted mid-result leave no cyclic garbage
+    (the parked connections themselves are alive, not garbage)."""
+    from test_data_path import _GARBAGE_REPORTER
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_GARBAGE_REPORTER)
+    report = tmp_path / "garbage.txt"
+    metrics_port = free_port()
+    process = start_proxy(
+        PYTHONPATH=str(site),
+        GARBAGE_REPORT=str(report),
+        LOG_LEVEL="INFO",
+        POOL__MODE="session",
+        METRICS__PORT=str(metrics_port),
+    )
+    proxied = Proxied(process, metrics_port, True)
+    sessions = 0
+    for _ in range(4):
+        mark = proxied.resets()
+        client, _ = _raw_session(proxied, token())  # parks, then reuses
+        client.send(wire.typed_message(b"Q", b"select 1\0"))
+        client.read_until_end((b"Z",))
+        client.send(wire.terminate())
+        client.close()
+        proxied.wait_parked(mark)
+        client, _ = _raw_session(proxied, token())  # leaves mid-transaction
+        client.send(wire.typed_message(b"Q", b"begin\0"))
+        client.read_until_end((b"Z",))
+        client.send(wire.terminate())
+        client.close()
+        client, _ = _raw_session(proxied, token())  # aborted in the middle of a result
+        client.send(wire.typed_message(b"Q", b"select repeat('x', 3000000)\0"))
+        client.recv_exact(1)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        sessions += 3
+    deadline = time.monotonic() + 20
+    while process.log().count("connection closed:") < sessions and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert process.log().count("connection closed:") == sessions
+    assert proxied.metric("jwtpgproxy_pool_hits_total") >= 3
+    assert process.process is not None
+    process.process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not report.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert report.read_text() == "{}", report.read_text()
