@@ -13,6 +13,7 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,8 +42,15 @@ class Proxied:
 
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            return str(reply.read().decode())
+        deadline = time.monotonic() + 10
+        while True:  # the admin listener may start just after the proxy's "listening"
+            try:
+                with urllib.request.urlopen(url, timeout=10) as reply:
+                    return str(reply.read().decode())
+            except urllib.error.URLError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def metric(self, name: str, **labels: str) -> float:
         wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
@@ -53,7 +61,17 @@ class Proxied:
         return 0.0
 
     def resets(self) -> float:
-        return self.metric("jwtpgproxy_pool_resets_total", result="ok")
+        """Resets so far, once none is under way (a previous test's client may still be
+        being reset: its count must not be taken for the next client's)."""
+        last = self.metric("jwtpgproxy_pool_resets_total", result="ok")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.15)
+            now = self.metric("jwtpgproxy_pool_resets_total", result="ok")
+            if now == last:
+                break
+            last = now
+        return last
 
     def wait_parked(self, resets_before: float, timeout: float = 10) -> None:
         """Until one more connection was reset (and so parked: the pool parks it in the

@@ -314,3 +314,10 @@ def test_frontend_random_splits_agree_with_whole() -> None:
     for _ in range(300):
         tracker, cut = frontend_after(random_chunks(stream, rng))
         assert (tracker.syncs, tracker.unsynced, cut) == (3, True, len(stream) - 5)
+
+
+def test_backend_length_word_under_four_is_never_reused() -> None:
+    """Not something PostgreSQL sends: the connection is marked, whatever the split."""
+    stream = rfq(b"I") + b"D\0\0\0\x02" + rfq(b"I")
+    for chunks in chunkings(stream):
+        assert backend_after(chunks).overflow

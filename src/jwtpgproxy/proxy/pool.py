@@ -80,12 +80,24 @@ MAX_TRACKED_PARAMETER = 8192
 
 _Z, _S, _E = ord("Z"), ord("S"), ord("E")
 _HEADER = struct.Struct("!BI")  # a typed message's tag and length
-_LENGTH = struct.Struct("!I")
 _TRACKED = frozenset(b"ZSEGHW")  # the backend messages BackendTracker looks into
 _COPY_STARTS = frozenset(b"GHW")  # CopyInResponse, CopyOutResponse, CopyBothResponse
-_SYNC_POINTS = frozenset(b"QSF")  # Query, Sync, FunctionCall: each gets one ReadyForQuery
-_NEEDS_SYNC = frozenset(b"PBEDCH")  # Parse, Bind, Execute, Describe, Close, Flush
-_TERMINATE = ord("X")
+# What each frontend message tag means to FrontendTracker (a table: one index per message).
+_KIND_SYNC_POINT, _KIND_SYNC, _KIND_NEEDS_SYNC, _KIND_TERMINATE = 1, 2, 3, 4
+_FRONTEND_KINDS = tuple(
+    _KIND_TERMINATE
+    if tag == ord("X")
+    else _KIND_SYNC
+    if tag == ord("S")
+    else _KIND_SYNC_POINT
+    if tag in b"QF"
+    else _KIND_NEEDS_SYNC
+    if tag in b"PBEDCH"
+    else 0
+    for tag in range(256)
+)
+# Frontend: Query, Sync and FunctionCall each get one ReadyForQuery; Parse, Bind, Execute,
+# Describe, Close and Flush wait for a Sync; X is Terminate.
 
 
 class PoolMode(enum.StrEnum):
@@ -167,34 +179,39 @@ class BackendTracker:
         The fast path -- whole headers in ``data`` -- costs one ``unpack_from`` and a set
         lookup per message; only messages split across reads take the byte-wise path."""
         pos, size = 0, len(data)
-        unpack = _HEADER.unpack_from
-        while True:
-            if self._remaining or self._header:  # in a message split across reads
-                if pos >= size:
-                    return None
-                pos = self._continue(data, pos, size)
-                continue
-            if stop_at_boundary:
-                return pos
-            if size - pos < 5:
-                if pos < size:
-                    self._header += data[pos:]
+        while self._remaining or self._header:  # finish a message split across reads
+            if pos >= size:
                 return None
+            pos = self._continue(data, pos, size)
+        if stop_at_boundary:
+            return pos
+        unpack, tracked, limit = _HEADER.unpack_from, _TRACKED, size - 5
+        while pos <= limit:
             tag, length = unpack(data, pos)
-            start = pos + 5
-            end = start + max(length - 4, 0)
-            if tag in _TRACKED:
-                if end <= size:
-                    self._whole(tag, data, start, end)
-                    pos = end
+            end = pos + 1 + length
+            if tag in tracked or length < 4:
+                if tag == _Z and length == 5 and end <= size:  # the common case, inline
+                    self.ready += 1
+                    self.status = data[end - 1 : end]
+                    self.copy = self.error = False
+                elif length < 4:
+                    self.overflow = True  # not PostgreSQL: never reuse this connection
+                    end = pos + 5
+                elif end <= size:
+                    self._whole(tag, data, pos + 5, end)
                 else:
                     self._begin(tag, length - 4)
-                    pos = start
-                continue
-            if end > size:
+                    pos += 5
+                    while self._remaining and pos < size:
+                        pos = self._continue(data, pos, size)
+                    return None
+            elif end > size:
                 self._remaining = end - size
                 return None
             pos = end
+        if pos < size:
+            self._header += data[pos:]
+        return None
 
     def _continue(self, data: bytes, pos: int, size: int) -> int:
         """Go on with the message (or header) under way; return the new position."""
@@ -244,6 +261,8 @@ class BackendTracker:
     def _begin(self, tag: int, length: int) -> None:
         self._tag = tag
         self._remaining = max(length, 0)
+        if length < 0:
+            self.overflow = True  # a length word under 4: not PostgreSQL, never reuse
         if tag in (_Z, _S):
             if length > MAX_TRACKED_PARAMETER:
                 self.overflow = True
@@ -289,35 +308,36 @@ class FrontendTracker:
         if self.terminated:
             return None
         pos, size = 0, len(data)
-        unpack = _LENGTH.unpack_from
-        while pos < size:
+        while pos < size and (self._remaining or self._header):  # split across reads
             if self._remaining:
                 step = min(self._remaining, size - pos)
                 self._remaining -= step
                 pos += step
                 continue
-            if self._header:  # a header split across reads (its tag is counted already)
-                step = min(5 - len(self._header), size - pos)
-                self._header += data[pos : pos + step]
-                pos += step
-                if len(self._header) == 5:
-                    self._remaining = max(unpack(self._header, 1)[0] - 4, 0)
-                    self._header.clear()
-                continue
+            step = min(5 - len(self._header), size - pos)  # its tag is counted already
+            self._header += data[pos : pos + step]
+            pos += step
+            if len(self._header) == 5:
+                self._remaining = max(_HEADER.unpack_from(self._header)[1] - 4, 0)
+                self._header.clear()
+        unpack, kinds = _HEADER.unpack_from, _FRONTEND_KINDS
+        while pos < size:
             tag = data[pos]
-            if tag == _TERMINATE:
-                self.terminated = True
-                return pos
-            if tag in _SYNC_POINTS:
-                self.syncs += 1
-                if tag == _S:
-                    self.unsynced = False
-            elif tag in _NEEDS_SYNC:
-                self.unsynced = True
+            kind = kinds[tag]
+            if kind:
+                if kind == _KIND_TERMINATE:
+                    self.terminated = True
+                    return pos
+                if kind == _KIND_NEEDS_SYNC:
+                    self.unsynced = True
+                else:
+                    self.syncs += 1
+                    if kind == _KIND_SYNC:
+                        self.unsynced = False
             if size - pos < 5:
                 self._header += data[pos:]
                 return None
-            end = pos + 5 + max(unpack(data, pos + 1)[0] - 4, 0)
+            end = pos + 1 + max(unpack(data, pos)[1], 4)
             if end > size:
                 self._remaining = end - size
                 return None
