@@ -744,3 +744,24 @@ def test_pooled_sessions_leave_no_reference_cycles(
     while not report.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert report.read_text() == "{}", report.read_text()
+
+
+def test_shutdown_closes_parked_connections(
+    start_proxy: Callable[..., ProxyProcess], token: Callable[..., str], pg: Postgres
+) -> None:
+    metrics_port = free_port()
+    process = start_proxy(POOL__MODE="session", METRICS__PORT=str(metrics_port))
+    proxied = Proxied(process, metrics_port, True)
+    mark = proxied.resets()
+    with connect(proxied, token()) as conn:
+        pid = backend_pid(conn)
+    proxied.wait_parked(mark)
+    with psycopg.connect(pg.superuser_dsn(), autocommit=True) as admin:
+        alive = f"select count(*) from pg_stat_activity where pid = {pid}"
+        assert one(admin, alive) == 1
+        assert process.stop() == 0
+        deadline = time.monotonic() + 10
+        while one(admin, alive) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert one(admin, alive) == 0
+    assert "parked upstream connections closed: reason=shutdown count=1" in process.log()
