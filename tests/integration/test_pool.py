@@ -765,3 +765,25 @@ def test_shutdown_closes_parked_connections(
             time.sleep(0.05)
         assert one(admin, alive) == 0
     assert "parked upstream connections closed: reason=shutdown count=1" in process.log()
+
+
+def test_session_ended_by_token_expiry_does_not_hand_on_its_backend(
+    start_proxy: Callable[..., ProxyProcess], keys: dict[str, KeyPair], token: Callable[..., str]
+) -> None:
+    metrics_port = free_port()
+    process = start_proxy(
+        POOL__MODE="session",
+        METRICS__PORT=str(metrics_port),
+        TOKEN__END_SESSIONS_ON_EXPIRY="true",
+    )
+    proxied = Proxied(process, metrics_port, True)
+    pair = keys["ed25519"]
+    short = mint(pair.private, pair.algorithm, USER, ttl=2)
+    with connect(proxied, short) as conn:
+        pid = backend_pid(conn)
+        time.sleep(3)
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select 1")
+    assert _wait_metric(proxied, "jwtpgproxy_pool_discards_total", 1, reason="ended_by_proxy")
+    assert proxied.metric("jwtpgproxy_pool_parked") == 0
+    assert _next_pid(proxied, token) != pid
