@@ -339,8 +339,8 @@ def test_large_reads_do_not_map_fresh_memory(
     must reuse memory the process already has: with glibc's mmap threshold pinned low, as
     a start-up mallopt once did, every read became an mmap + munmap and 64 fresh page
     faults (4 243 of each, 2.2x the CPU per 600 MB). Counted as minor page faults of the
-    proxy during the transfer; a few hundred is warm-up, 64 MB of fresh mappings would be
-    over 16 000."""
+    proxy during the transfer: 1 300-3 500 measured (the heap growing and being trimmed),
+    31 594 with the pinned threshold (64 MB of fresh mappings are at least 16 000)."""
     proxy = start_proxy(UPSTREAM__HOST="127.0.0.1", UPSTREAM__SSLMODE="disable")
     assert proxy.process is not None
     client = RawClient(proxy.port)
@@ -358,4 +358,4 @@ def test_large_reads_do_not_map_fresh_memory(
     faults = _minor_faults(proxy.process.pid) - before
     client.close()
     assert total == 64000 * 1001
-    assert faults < 2000, f"{faults} minor page faults for 64 MB"
+    assert faults < 10_000, f"{faults} minor page faults for 64 MB"
