@@ -376,9 +376,10 @@ class Splice:
         half = self.upstream_half
         if self._released or (isinstance(half, EndableHalf) and half.ending):
             return None
+        transport = half.own  # before side_lost(), which may let the halves drop it
         self._released = True
         self.side_lost(half)
-        return half.own
+        return transport
 
     def _own_transports(self) -> Iterator[asyncio.Transport]:
         yield self.client_half.own
