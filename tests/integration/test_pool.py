@@ -787,3 +787,31 @@ def test_session_ended_by_token_expiry_does_not_hand_on_its_backend(
     assert _wait_metric(proxied, "jwtpgproxy_pool_discards_total", 1, reason="ended_by_proxy")
     assert proxied.metric("jwtpgproxy_pool_parked") == 0
     assert _next_pid(proxied, token) != pid
+
+
+def test_previous_clients_cancel_key_does_not_reach_the_next_client(
+    pooled: Proxied, token: Callable[..., str]
+) -> None:
+    """A reused backend gets a new client secret: the client that left cannot cancel the
+    queries of the one that came after it."""
+    mark = pooled.resets()
+    client = RawClient(pooled.port)
+    result = client.login(USER, token())
+    key = next(body for tag, body in result.messages if tag == b"K")
+    pid, old_secret = int.from_bytes(key[:4], "big"), key[4:]
+    client.send(wire.terminate())
+    client.close()
+    pooled.wait_parked(mark)
+    with connect(pooled, token()) as conn:
+        assert backend_pid(conn) == pid
+        done: list[object] = []
+        worker = threading.Thread(
+            target=lambda: done.append(one(conn, "select pg_sleep(2) is null")), daemon=True
+        )
+        worker.start()
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", pooled.port), timeout=5) as sock:
+            sock.sendall(wire.cancel_request(pid, old_secret))
+            assert sock.recv(1) == b""
+        worker.join(10)
+        assert done == [False]  # pg_sleep returns void: "is null" is false; not canceled
