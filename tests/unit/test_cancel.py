@@ -174,6 +174,21 @@ def test_session_of_another_replica_is_routed() -> None:
     assert mine.resolve(request(50, os.urandom(32)), "a")[0] == "forged"
 
 
+def test_pooled_backend_keys_are_per_client_and_local() -> None:
+    """A pooled backend (same pid, same upstream key) serves one client after another:
+    each gets a key of its own, and no replica other than the one holding the session can
+    turn an earlier client's key into upstream's."""
+    mine, elsewhere = registry_of(), registry_of()
+    for minor, upstream_key in ((2, KEY32), (0, KEY30)):
+        first = mine.register(70, upstream_key, True, minor, routable=False).client_key
+        second = mine.register(70, upstream_key, True, minor, routable=False).client_key
+        assert first != second and len(first) == (32 if minor else 4)
+        assert mine.resolve(request(70, second), "a") == ("forwarded", upstream_key, True)
+        assert mine.resolve(request(70, first), "a")[0] == "unmatched"
+        outcome, recovered, _ = elsewhere.resolve(request(70, first), "a")
+        assert recovered != upstream_key, outcome
+
+
 def test_unverifiable_forwards_limited_per_source() -> None:
     registry = registry_of(rate=3)
     outcomes = [registry.resolve(request(60, os.urandom(4)), "10.0.0.1")[0] for _ in range(5)]

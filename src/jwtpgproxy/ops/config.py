@@ -55,6 +55,7 @@ from ..protocol.login import (
 from ..protocol.scram import DEFAULT_MAX_ITERATIONS, MAX_ITERATIONS
 from ..proxy.cancel import MIN_SECRET_BYTES, CancelKeys
 from ..proxy.connection import Keepalive
+from ..proxy.pool import PoolMode, PoolSettings
 from ..proxy.runtime import Downstream, Limits, Runtime
 from ..proxy.upstream import UpstreamSSLMode, UpstreamTarget
 
@@ -144,6 +145,16 @@ class LoginThrottleSettings(_Section):
     burst: int = Field(default=20, ge=0, le=100_000)
     per_minute: float = Field(default=10.0, gt=0, le=100_000)
     max_sources: int = Field(default=10_000, ge=1, le=10_000_000)
+
+
+class PoolSettingsModel(_Section):
+    """Session pooling (``POOL__*``): see jwtpgproxy.proxy.pool and the README."""
+
+    mode: PoolMode = PoolMode.NONE
+    max_idle_per_key: int = Field(default=20, ge=1, le=10_000)
+    max_idle: int = Field(default=100, ge=1, le=100_000)
+    idle_timeout: float = Field(default=60.0, gt=0, le=86400)
+    max_lifetime: float = Field(default=3600.0, gt=0, le=7 * 86400)
 
 
 class LogFormat(enum.StrEnum):
@@ -243,6 +254,7 @@ class Settings(BaseSettings):
     keepalive: KeepaliveSettings = KeepaliveSettings()
     metrics: MetricsSettings = MetricsSettings()
     cancel: CancelSettings = CancelSettings()
+    pool: PoolSettingsModel = PoolSettingsModel()
     #: Worker processes sharing the listening port (SO_REUSEPORT); 1 = a single process.
     workers: int = Field(default=1, ge=1, le=64)
     log_level: str = "INFO"
@@ -600,6 +612,13 @@ def build_runtime(
         end_sessions_on_expiry=token.end_sessions_on_expiry,
         end_sessions_on_revocation=token.end_sessions_on_revocation,
         cancel_keys=_cancel_keys(settings.cancel),
+        pool=PoolSettings(
+            mode=settings.pool.mode,
+            max_idle_per_key=settings.pool.max_idle_per_key,
+            max_idle=settings.pool.max_idle,
+            idle_timeout=settings.pool.idle_timeout,
+            max_lifetime=settings.pool.max_lifetime,
+        ),
     )
 
 

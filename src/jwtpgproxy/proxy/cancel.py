@@ -23,6 +23,9 @@ Construction (``S`` = CANCEL__SECRET, >= 32 bytes; sub-keys ``HMAC-SHA512(S, lab
   ``CANCEL__MAX_FORWARDS_PER_SECOND`` per source address, and counted by outcome.
 * A key we cannot carry (a 3.0 client whose upstream used a longer key, or an upstream key
   over 239 bytes) is random and cancels only on the worker holding the session.
+* So is the key of a pooled session (POOL__MODE=session): its backend outlives the client,
+  and a key derived from (pid, k) alone would be the same for every client of that
+  backend -- an earlier client could cancel a later one's queries through any replica.
 
 What the client learns: a pseudorandom permutation or an authenticated ciphertext of k, so
 nothing about k or S; knowing its own (pid, key) does not help to forge another pid's key
@@ -132,8 +135,16 @@ class CancelRegistry:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._by_pid: dict[int, CancelEntry] = {}
 
-    def register(self, pid: int, upstream_key: bytes, tls: bool, minor: int) -> CancelEntry:
-        entry = CancelEntry(pid, self.keys.client_key(pid, upstream_key, minor), upstream_key, tls)
+    def register(
+        self, pid: int, upstream_key: bytes, tls: bool, minor: int, *, routable: bool = True
+    ) -> CancelEntry:
+        """The client's key for upstream's (``pid``, ``upstream_key``): self-routing, or
+        with ``routable=False`` random (valid on this worker only; pooled sessions)."""
+        if routable:
+            client_key = self.keys.client_key(pid, upstream_key, minor)
+        else:
+            client_key = secrets.token_bytes(4 if minor < 2 else 32)
+        entry = CancelEntry(pid, client_key, upstream_key, tls)
         # Upstream pids are unique among live backends; a stale entry for the same pid
         # (its session not yet cleaned up) is replaced by the live one.
         self._by_pid[pid] = entry

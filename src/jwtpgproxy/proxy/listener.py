@@ -31,6 +31,7 @@ from ..errors import AuthenticationFailed, ConfigError, TokenRevoked
 from ..logs import event
 from .cancel import CancelRegistry
 from .metrics import Metrics
+from .pool import Pool
 from .runtime import Runtime
 from .session import ServerContext, Session
 from .throttle import FailedLoginThrottle, source_key
@@ -66,7 +67,7 @@ class ProxyServer:
         metrics = Metrics(self._live_sessions)
         rate = runtime.limits.cancel_forwards_per_second
         cancels = CancelRegistry(runtime.cancel_keys, metrics, rate)
-        self.context = ServerContext(runtime, cancels, metrics)
+        self.context = ServerContext(runtime, cancels, metrics, pool=Pool(runtime.pool, metrics))
         self._listeners: list[socket.socket] = []
         self._stopping = asyncio.Event()
         self._pending = 0  # sessions accepted that have not finished login
@@ -317,6 +318,11 @@ class ProxyServer:
                 per_minute=limits.login_throttle_per_minute,
                 max_sources=limits.login_throttle_max_sources,
             )
+            if self.context.pool is not None:
+                # Parked connections logged in with the old upstream password, for tokens
+                # checked with the old keys: none is handed out after a reload.
+                self.context.pool.settings = runtime.pool
+                self.context.pool.close_all("reload")
             self.metrics.config_reloads.labels("ok").inc()
             event(log, INFO, "reloaded", sessions=len(self._tasks))
         self.end_revoked_sessions()
@@ -358,12 +364,16 @@ class ProxyServer:
     async def shutdown(self) -> None:
         self._stopping.set()
         self._close_listeners()  # stop accepting; live connections are ours to end
+        if self.context.pool is not None:
+            self.context.pool.close_all("shutdown")  # and sessions ending now park nothing
         timeout = self.runtime.limits.shutdown_timeout
         if self._tasks:
             event(log, INFO, "draining", sessions=len(self._tasks), timeout=timeout)
             await asyncio.wait(list(self._tasks), timeout=timeout)
         if self._tasks:
             await self._end_remaining()
+        if self.context.pool is not None:
+            await self.context.pool.close()
         for task in self._background:
             task.cancel()
         event(log, INFO, "shutdown complete")

@@ -108,6 +108,30 @@ class Metrics:
         self.config_reloads = Counter(
             "jwtpgproxy_config_reloads", "Configuration reloads, by result", ["result"], registry=r
         )
+        # Session pooling (POOL__MODE=session); all zero when it is off.
+        self.pool_hits = Counter(
+            "jwtpgproxy_pool_hits", "Logins served by a parked upstream connection", registry=r
+        )
+        self.pool_misses = Counter(
+            "jwtpgproxy_pool_misses",
+            "Pooled logins that found no parked upstream connection and logged in upstream",
+            registry=r,
+        )
+        self.pool_parked = Gauge(
+            "jwtpgproxy_pool_parked", "Upstream connections parked now", registry=r
+        )
+        self.pool_resets = Counter(
+            "jwtpgproxy_pool_resets",
+            "Upstream connections reset (DISCARD ALL) after a clean end, by result",
+            ["result"],
+            registry=r,
+        )
+        self.pool_discards = Counter(
+            "jwtpgproxy_pool_discards",
+            "Pooled upstream connections closed instead of parked or handed out, by reason",
+            ["reason"],
+            registry=r,
+        )
         r.register(_BytesCollector(self))
 
     def session_closed(self, session: ByteCounts) -> None:

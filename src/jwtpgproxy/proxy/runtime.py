@@ -15,6 +15,7 @@ from ..auth.tokens import TokenVerifier
 from ..protocol.frontend import DownstreamSSLMode
 from .cancel import CancelKeys
 from .connection import Keepalive
+from .pool import PoolSettings
 from .upstream import UpstreamTarget
 
 
@@ -76,6 +77,8 @@ class Runtime:
     end_sessions_on_revocation: bool = False
     #: Under CANCEL__SECRET (see jwtpgproxy.proxy.cancel); random if not given.
     cancel_keys: CancelKeys = field(default_factory=lambda: CancelKeys(secrets.token_bytes(32)))
+    #: Session pooling (POOL__*); off by default.
+    pool: PoolSettings = field(default_factory=PoolSettings)
 
     @property
     def endable_sessions(self) -> bool:

@@ -47,6 +47,7 @@ from ..protocol import frontend, wire
 from .cancel import CancelEntry, CancelRegistry
 from .connection import HandshakeProtocol, format_peer
 from .metrics import Metrics
+from .pool import Lease, Pool, SessionTracking, pool_key
 from .runtime import Runtime
 from .splice import Splice
 from .upstream import UpstreamConnection, describe, open_upstream
@@ -111,6 +112,8 @@ class ServerContext:
     runtime: Runtime
     cancels: CancelRegistry
     metrics: Metrics
+    #: Parked upstream connections (POOL__MODE=session); None when pooling is off.
+    pool: Pool | None = None
 
 
 @dataclass(slots=True)
@@ -157,6 +160,10 @@ class Session:
         #: The startup-packet deadline while it runs, lifted once the startup packet is in
         #: (held only meanwhile: the Timeout refers to this session's task).
         self._startup_deadline: asyncio.Timeout | None = None
+        #: The pooled upstream connection this session uses (session pooling only).
+        self._lease: Lease | None = None
+        self._tracking: SessionTracking | None = None
+        self._released = False
 
     def _move(self, new: Phase) -> None:
         if new not in _TRANSITIONS[self.phase]:
@@ -386,8 +393,37 @@ class Session:
             parameters["idle_session_timeout"] = f"{round(idle * 1000)}ms"
         started = time.monotonic()
         target = self.runtime.upstream
-        upstream = self.upstream = await open_upstream(target, parameters, self.protocol_minor)
-        self._context.metrics.upstream_login_seconds.observe(time.monotonic() - started)
+        pool = self._context.pool
+        key = (
+            pool_key(parameters, read_only=identity.read_only, protocol_minor=self.protocol_minor)
+            if pool is not None and pool.enabled and self.runtime.pool.enabled
+            else None
+        )
+        if pool is not None and key is not None:
+            upstream, self._lease = await pool.connect(
+                target,
+                parameters,
+                read_only=identity.read_only,
+                protocol_minor=self.protocol_minor,
+                key=key,
+                on_login=self._context.metrics.upstream_login_seconds.observe,
+            )
+            self.upstream = upstream
+            if self._lease.reused:
+                event(
+                    log,
+                    INFO,
+                    "upstream connection reused",
+                    user=self.user,
+                    database=self.database,
+                    client=self.peer,
+                    pid=self.upstream_pid,
+                    seconds=f"{time.monotonic() - started:.4f}",
+                )
+                return upstream
+        else:
+            upstream = self.upstream = await open_upstream(target, parameters, self.protocol_minor)
+            self._context.metrics.upstream_login_seconds.observe(time.monotonic() - started)
         event(
             log,
             INFO,
@@ -412,10 +448,22 @@ class Session:
 
         if self.client.closed or upstream.protocol.closed:
             raise ClientDisconnected("a side closed while login completed")
+        halves = None
+        if self._lease is not None:
+            parameters = {}
+            for message in upstream.result.relay:
+                if message.tag == b"S":
+                    name, value = wire.decode_parameter_status(message.body)
+                    parameters[name] = value
+            self._tracking = SessionTracking(parameters, self._on_clean_end)
+            halves = self._tracking.halves
         client_transport, client_rest = self.client.detach()
         upstream_transport, upstream_rest = upstream.protocol.detach()
         self._splice = Splice(
-            client_transport, upstream_transport, endable=self.runtime.endable_sessions
+            client_transport,
+            upstream_transport,
+            endable=self.runtime.endable_sessions,
+            halves=halves,
         )
         self._splice.start(bytes(to_client) + upstream_rest, client_leftover + client_rest)
         self._move(Phase.SPLICED)
@@ -430,11 +478,35 @@ class Session:
             self._on_spliced(self)
         await self._splice.wait_closed()
 
+    def _on_clean_end(self, transport: asyncio.Transport, parameters: dict[str, str]) -> None:
+        """The client ended cleanly: upstream's connection goes back to the pool."""
+        pool, lease = self._context.pool, self._lease
+        assert pool is not None and lease is not None
+        self._released = True
+        pool.release(lease, transport, parameters, self.runtime.keepalive)
+
+    def _pool_outcome(self) -> None:
+        """A pooled session that did not give its connection back: count why."""
+        pool, splice, tracking = self._context.pool, self._splice, self._tracking
+        if pool is None or self._lease is None or self._released:
+            return
+        if splice is None or tracking is None:
+            reason = "login_failed"
+        elif splice.ending:
+            reason = "ended_by_proxy"
+        elif tracking.frontend.terminated:
+            reason = "not_idle"
+        else:
+            reason = "no_terminate"
+        pool.discard(reason)
+
     def _backend_key_data(self, upstream: UpstreamConnection) -> bytes:
         assert upstream.result.backend_key is not None
         pid, upstream_secret = upstream.result.backend_key
+        # A pooled backend serves one client after another: its clients get keys of their
+        # own, not ones derived from the backend's (see jwtpgproxy.proxy.cancel).
         self._cancel_entry = self._context.cancels.register(
-            pid, upstream_secret, upstream.tls, self.protocol_minor
+            pid, upstream_secret, upstream.tls, self.protocol_minor, routable=self._lease is None
         )
         return wire.backend_key_data(pid, self._cancel_entry.client_key)
 
@@ -488,6 +560,9 @@ class Session:
 
     def _cleanup(self) -> None:
         self.phase = Phase.CLOSED
+        self._pool_outcome()
+        if self._tracking is not None:
+            self._tracking.on_clean_end = None  # no cycle session -> splice -> half -> session
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
         if self._cancel_entry is not None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 from .connection import read_buffer
@@ -251,6 +251,11 @@ class EndableHalf(Half):
         super().data_received(data[:cut])
         self._deliver_final()
 
+    @property
+    def ending(self) -> bool:
+        """The proxy is ending (or has ended) this session with a final message."""
+        return self._ended or self._final is not None
+
     def end_with(self, final: bytes) -> None:
         """Send ``final`` to the client at the next message boundary, then close both."""
         if self._ended or self._final is not None:
@@ -312,20 +317,35 @@ def _half_type(own: asyncio.Transport, *, endable: bool = False) -> type[Half]:
     return EndableHalf if endable else Half
 
 
+#: Builds a splice's (client -> upstream, upstream -> client) halves.
+HalvesFactory = Callable[["Splice", asyncio.Transport, asyncio.Transport], tuple[Half, Half]]
+
+
 class Splice:
     """Splices a client transport and an upstream transport until either closes."""
 
     def __init__(
-        self, client: asyncio.Transport, upstream: asyncio.Transport, *, endable: bool = False
+        self,
+        client: asyncio.Transport,
+        upstream: asyncio.Transport,
+        *,
+        endable: bool = False,
+        halves: HalvesFactory | None = None,
     ) -> None:
         """``endable``: the proxy may end this session itself (see :meth:`end_with`); costs
-        a little header bookkeeping per upstream message."""
+        a little header bookkeeping per upstream message. ``halves``: builds (client half,
+        upstream half) instead of the plain ones (session pooling's tracking halves)."""
         loop = asyncio.get_running_loop()
         self._one_lost: asyncio.Future[None] = loop.create_future()
         self._both_lost: asyncio.Future[None] = loop.create_future()
         self._lost = 0
-        self.client_half = _half_type(client)(self, client, upstream)  # client -> upstream
-        self.upstream_half = _half_type(upstream, endable=endable)(self, upstream, client)
+        #: Upstream's transport was taken out of this splice (see release_upstream()).
+        self._released = False
+        if halves is not None:
+            self.client_half, self.upstream_half = halves(self, client, upstream)
+        else:
+            self.client_half = _half_type(client)(self, client, upstream)  # client -> upstream
+            self.upstream_half = _half_type(upstream, endable=endable)(self, upstream, client)
         for transport in (client, upstream):
             transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
 
@@ -366,13 +386,37 @@ class Splice:
         self._lost += 1
         half.peer.close()  # flushes what is buffered, then closes
         other = self.upstream_half if half is self.client_half else self.client_half
-        other.peer_lost()
+        other.peer_lost()  # after release_upstream(): the client half lets go of upstream
         if self._lost >= 2:
             self.client_half.release()
             self.upstream_half.release()
         for future in (self._one_lost, self._both_lost)[: self._lost]:
             if not future.done():
                 future.set_result(None)
+
+    def release_upstream(self) -> asyncio.Transport | None:
+        """Take upstream's transport out of the splice, open (session pooling: the client
+        ended cleanly); None if the proxy is ending this session itself. The caller sets
+        the transport's protocol before returning to the event loop; for this splice,
+        upstream's side counts as gone."""
+        half = self.upstream_half
+        if self._released or (isinstance(half, EndableHalf) and half.ending):
+            return None
+        transport = half.own  # before side_lost(), which may let the halves drop it
+        self._released = True
+        self.side_lost(half)
+        return transport
+
+    def _own_transports(self) -> Iterator[asyncio.Transport]:
+        yield self.client_half.own
+        if not self._released:
+            yield self.upstream_half.own
+
+    @property
+    def ending(self) -> bool:
+        """The proxy is ending (or has ended) this session itself."""
+        half = self.upstream_half
+        return isinstance(half, EndableHalf) and half.ending
 
     def end_with(self, final: bytes) -> bool:
         """Give the client ``final`` (an ErrorResponse) between two of upstream's messages,
@@ -383,12 +427,12 @@ class Splice:
         return True
 
     def close(self) -> None:
-        for half in (self.client_half, self.upstream_half):
-            half.own.close()
+        for transport in self._own_transports():
+            transport.close()
 
     def abort(self) -> None:
-        for half in (self.client_half, self.upstream_half):
-            half.own.abort()
+        for transport in self._own_transports():
+            transport.abort()
 
     async def wait_closed(self) -> None:
         """Until both sides are gone. If one side does not drain within a grace period
