@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from harness import (
     ProxyProcess,
     RecordingUpstream,
     mint,
-    read_env_file,
+    postgres_env,
     write_self_signed,
 )
 
@@ -26,17 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 def pg() -> Postgres:
     """The local test PostgreSQL. test.sh starts it and exports PGPROXY_TEST_*; when pytest
     runs alone, start-postgres.sh is run here (it is idempotent)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("PGPROXY_TEST_")}
-    if "PGPROXY_TEST_PGPORT" not in env:
-        subprocess.run([str(REPO / "start-postgres.sh"), "start"], check=True, timeout=300)
-        out = subprocess.run(
-            [str(REPO / "start-postgres.sh"), "env"],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-        env = read_env_file(out)
+    env = postgres_env(start=True)
     return Postgres(
         host=env["PGPROXY_TEST_PGHOST"],
         port=int(env["PGPROXY_TEST_PGPORT"]),

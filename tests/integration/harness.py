@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import http.server
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -14,7 +16,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -91,28 +94,49 @@ class KeyPair:
 _CONFIG_PREFIXES = ("PUBLIC_KEY", "UPSTREAM__", "DOWNSTREAM__", "TOKEN__")
 
 
-def write_self_signed(directory: Path, common_name: str = "localhost") -> tuple[Path, Path]:
-    """A self-signed ECDSA P-256 certificate (SAN localhost, 127.0.0.1) and its key, as
-    ``cert.pem`` and ``key.pem`` in ``directory``."""
-    key = ec.generate_private_key(ec.SECP256R1())
+def self_signed_certificate(
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+    common_name: str = "localhost",
+    *,
+    dns_names: tuple[str, ...] = ("localhost",),
+    ip_addresses: tuple[str, ...] = ("127.0.0.1",),
+    ca: bool = False,
+    days: int = 2,
+) -> x509.Certificate:
+    """A certificate for ``key`` signed by itself, valid from five minutes ago for ``days``,
+    with the given subject alternative names (none: no SAN extension) and, with ``ca``,
+    BasicConstraints CA:TRUE."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
+        .not_valid_after(now + datetime.timedelta(days=days))
     )
+    names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    if ca:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=True, path_length=None), critical=True
+        )
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm)
+
+
+def write_self_signed(
+    directory: Path, common_name: str = "localhost", **options: object
+) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate (SAN localhost, 127.0.0.1 unless ``options``,
+    passed to :func:`self_signed_certificate`, say otherwise) and its key, as ``cert.pem``
+    and ``key.pem`` in ``directory``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = self_signed_certificate(key, common_name, **options)  # type: ignore[arg-type]
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
@@ -386,3 +410,140 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# --- One helper each: DSNs, the PostgreSQL environment, RSS, waiting, JWKS servers ----------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def format_dsn(**params: str) -> str:
+    """A libpq keyword/value connection string (values here never need quoting)."""
+    return " ".join(f"{name}={value}" for name, value in params.items())
+
+
+def proxy_dsn(proxy: ProxyProcess | int, user: str, token: str, **extra: str) -> str:
+    """libpq parameters for a client of ``proxy`` (or a port) with ``token`` as password,
+    TLS required; ``extra`` adds or overrides parameters."""
+    port = proxy if isinstance(proxy, int) else proxy.port
+    return format_dsn(
+        host="127.0.0.1",
+        port=str(port),
+        user=user,
+        password=token,
+        dbname="postgres",
+        sslmode="require",
+        **extra,
+    )
+
+
+def postgres_env(*, start: bool = False) -> dict[str, str]:
+    """The test PostgreSQL's ``PGPROXY_TEST_*`` variables: from the environment (test.sh
+    exports them), else from ``start-postgres.sh env``, after ``start-postgres.sh start``
+    when ``start`` (it is idempotent)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("PGPROXY_TEST_")}
+    if "PGPROXY_TEST_PGPORT" in env and "PGPROXY_TEST_PGDATA" in env:
+        return env
+    script = str(REPO / "start-postgres.sh")
+    if start:
+        subprocess.run([script, "start"], check=True, timeout=300)
+    out = subprocess.run(
+        [script, "env"], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    return read_env_file(out)
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of process ``pid`` in KiB from /proc: ``VmRSS`` (resident now) or
+    ``VmHWM`` (peak resident)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds have passed; return its
+    last truth value. For conditions with no event to wait on (another process's state)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+Response = tuple[int, dict[str, str], bytes]
+
+
+class JwksServer:
+    """A local HTTP server (127.0.0.1, free port) for JWKS, OIDC discovery and traps: serves
+    ``routes`` (a response, or a callable returning one, per path; others get 404), counts
+    requests per path, and can answer after ``delay`` seconds."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Response | Callable[[], Response]] = {}
+        self.counts: Counter[str] = Counter()
+        self.delay = 0.0
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with server._lock:
+                    server.counts[self.path] += 1
+                    route = server.routes.get(self.path)
+                if server.delay:
+                    time.sleep(server.delay)
+                if route is None:
+                    route = (404, {}, b"not found")
+                status, headers, body = route() if callable(route) else route
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if "Content-Length" not in headers and not headers.get("X-No-Length"):
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = int(self.httpd.server_address[1])
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    @property
+    def requests(self) -> int:
+        """How many requests arrived, on any path."""
+        with self._lock:
+            return sum(self.counts.values())
+
+    def json(self, path: str, document: object | Callable[[], object]) -> None:
+        """Serve ``document`` (or what the callable returns at request time) as JSON."""
+
+        def respond() -> Response:
+            current = document() if callable(document) else document
+            body = json.dumps(current).encode()
+            return 200, {"Content-Type": "application/json"}, body
+
+        self.routes[path] = respond
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> JwksServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -16,22 +16,9 @@ import asyncpg
 import psycopg
 import psycopg2
 import pytest
-from harness import Postgres, ProxyProcess, RawClient
+from harness import Postgres, ProxyProcess, RawClient, proxy_dsn, rss_kib
 
 from jwtpgproxy.protocol import wire
-
-
-def proxy_dsn(proxy: ProxyProcess, user: str, token: str, **extra: str) -> str:
-    params = {
-        "host": "127.0.0.1",
-        "port": str(proxy.port),
-        "user": user,
-        "password": token,
-        "dbname": "postgres",
-        "sslmode": "require",
-        **extra,
-    }
-    return " ".join(f"{k}={v}" for k, v in params.items())
 
 
 def psql_binary(pg: Postgres) -> str:
@@ -282,14 +269,6 @@ def test_copy_from_stdin(proxy: ProxyProcess, token_for: Callable[..., str]) -> 
         assert row == (200_000, sum(range(200_000)))
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_backpressure_slow_reader_does_not_grow_proxy_memory(
     proxy: ProxyProcess, token_for: Callable[..., str]
 ) -> None:
@@ -300,9 +279,9 @@ def test_backpressure_slow_reader_does_not_grow_proxy_memory(
     assert client.login("scram_user", token_for("scram_user")).tags[-1] == b"Z"
     query = "COPY (SELECT repeat('x', 1000) FROM generate_series(1, 300000)) TO STDOUT"
     client.send(wire.typed_message(b"Q", query.encode() + b"\0"))
-    before = _rss_kib(proxy.process.pid)
+    before = rss_kib(proxy.process.pid)
     time.sleep(3)  # upstream could produce the whole 300 MB in this time
-    grown = _rss_kib(proxy.process.pid) - before
+    grown = rss_kib(proxy.process.pid) - before
     assert grown < 32 * 1024, f"proxy RSS grew by {grown} KiB while the client was not reading"
     # Now read it all: nothing was lost while paused.
     total = 0

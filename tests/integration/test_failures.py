@@ -24,8 +24,8 @@ from harness import (
     RecordingUpstream,
     TcpForwarder,
     free_port,
+    proxy_dsn,
 )
-from test_clients import proxy_dsn
 
 from jwtpgproxy.protocol import wire
 

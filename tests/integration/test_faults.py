@@ -31,7 +31,15 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
-from harness import Postgres, ProxyProcess, RawClient, read_env_file
+from harness import (
+    Postgres,
+    ProxyProcess,
+    RawClient,
+    postgres_env,
+    proxy_dsn,
+    rss_kib,
+    wait_for,
+)
 
 from jwtpgproxy.protocol import wire
 
@@ -40,28 +48,8 @@ LOAD_USER = "trust_user"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def proxy_dsn(proxy: ProxyProcess, token: str, **extra: str) -> str:
-    params = {
-        "host": "127.0.0.1",
-        "port": str(proxy.port),
-        "user": USER,
-        "password": token,
-        "dbname": "postgres",
-        "sslmode": "require",
-        **extra,
-    }
-    return " ".join(f"{k}={v}" for k, v in params.items())
-
-
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def raise_nofile(target: int = 8192) -> None:
@@ -71,26 +59,8 @@ def raise_nofile(target: int = 8192) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def _pg_paths() -> tuple[str, str, str]:
-    env = {k: v for k, v in os.environ.items() if k.startswith("PGPROXY_TEST_")}
-    if "PGPROXY_TEST_PGDATA" not in env:
-        out = subprocess.run(
-            [str(REPO / "start-postgres.sh"), "env"],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-        env = read_env_file(out)
+    env = postgres_env()
     return env["PGPROXY_TEST_PGBIN"], env["PGPROXY_TEST_PGDATA"], env["PGPROXY_TEST_STATE"]
 
 
@@ -132,7 +102,7 @@ def test_upstream_restarted_mid_session(
     57P01 (or sees the connection end), the proxy lives on, and once PostgreSQL is back a
     new session through the same proxy works. The shared cluster is back up before return."""
     proxy = start_proxy()
-    conn = psycopg.connect(proxy_dsn(proxy, token_for(USER)), autocommit=True)
+    conn = psycopg.connect(proxy_dsn(proxy, USER, token_for(USER)), autocommit=True)
     assert conn.execute("select 1").fetchone() == (1,)
     try:
         result = _pg_ctl("restart", "-m", "fast", "-w", "-t", "60")
@@ -144,7 +114,7 @@ def test_upstream_restarted_mid_session(
     assert info.value.sqlstate in (None, "57P01")
     conn.close()
     assert proxy.alive
-    with psycopg.connect(proxy_dsn(proxy, token_for(USER))) as fresh:
+    with psycopg.connect(proxy_dsn(proxy, USER, token_for(USER))) as fresh:
         assert fresh.execute("select current_user").fetchone() == (USER,)
     assert "Traceback" not in proxy.log()
 
@@ -154,7 +124,7 @@ def test_pg_terminate_backend_relays_57p01(
 ) -> None:
     """An administrator terminates the session's backend: PostgreSQL's FATAL 57P01 reaches
     the client through the splice, and the next connection works."""
-    conn = psycopg.connect(proxy_dsn(proxy, token_for(USER)), autocommit=True)
+    conn = psycopg.connect(proxy_dsn(proxy, USER, token_for(USER)), autocommit=True)
     pid = conn.info.backend_pid
     with psycopg.connect(pg.superuser_dsn(), autocommit=True) as admin:
         row = admin.execute("select pg_terminate_backend(%s)", (pid,)).fetchone()
@@ -164,7 +134,7 @@ def test_pg_terminate_backend_relays_57p01(
         conn.execute("select 1")
     assert info.value.sqlstate == "57P01"
     conn.close()
-    with psycopg.connect(proxy_dsn(proxy, token_for(USER))) as fresh:
+    with psycopg.connect(proxy_dsn(proxy, USER, token_for(USER))) as fresh:
         assert fresh.execute("select 1").fetchone() == (1,)
     assert proxy.alive
 
@@ -415,7 +385,7 @@ def test_memory_per_idle_authenticated_connection(
             assert await conn.fetchval("select 1") == 1
             await conn.close()
         await asyncio.sleep(0.5)
-        before = rss_kb(pid)
+        before = rss_kib(pid)
         gate = asyncio.Semaphore(50)
 
         async def one() -> asyncpg.Connection:
@@ -426,10 +396,10 @@ def test_memory_per_idle_authenticated_connection(
 
         conns = await asyncio.gather(*(one() for _ in range(count)))
         await asyncio.sleep(1)
-        during = rss_kb(pid)
+        during = rss_kib(pid)
         await asyncio.gather(*(c.close() for c in conns))
         await asyncio.sleep(1)
-        return before, during, rss_kb(pid)
+        return before, during, rss_kib(pid)
 
     before, during, after = asyncio.run(main())
     per_connection = (during - before) / count

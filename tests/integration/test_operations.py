@@ -19,8 +19,7 @@ import psycopg
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from harness import Postgres, ProxyProcess, RawClient, free_port, write_self_signed
-from test_clients import proxy_dsn
+from harness import Postgres, ProxyProcess, RawClient, free_port, proxy_dsn, write_self_signed
 from test_failures import bad_tokens
 
 from jwtpgproxy.protocol import wire

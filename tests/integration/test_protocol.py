@@ -21,8 +21,8 @@ import psycopg
 import psycopg2
 import psycopg2.extensions
 import pytest
-from harness import Postgres, ProxyProcess, RawClient
-from test_clients import proxy_dsn, psql_binary
+from harness import Postgres, ProxyProcess, RawClient, proxy_dsn
+from test_clients import psql_binary
 
 from jwtpgproxy.protocol import wire
 

@@ -12,8 +12,7 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
-from harness import ProxyProcess, free_port
-from test_clients import proxy_dsn
+from harness import ProxyProcess, free_port, proxy_dsn
 
 from jwtpgproxy.ops.workers import merge_prometheus
 
