@@ -12,6 +12,7 @@ from harness import (
     Postgres,
     ProxyProcess,
     RecordingUpstream,
+    cluster_lock,
     mint,
     postgres_env,
     write_self_signed,
@@ -134,3 +135,23 @@ def token_for(keys: dict[str, KeyPair]) -> Callable[..., str]:
         return mint(pair.private, pair.algorithm, sub, ttl, **claims)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _postgres_cluster_access(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The test cluster is shared by the pytest-xdist workers: a test that uses it holds it
+    shared, one marked ``restarts_postgres`` holds it alone (the others wait, none fails
+    on a cluster that is down for a moment)."""
+    if "pg" not in request.fixturenames:
+        yield
+        return
+    pg: Postgres = request.getfixturevalue("pg")
+    exclusive = request.node.get_closest_marker("restarts_postgres") is not None
+    with cluster_lock(Path(pg.socket_dir).parent, exclusive=exclusive):
+        yield
+
+
+# The tests that hold 100 to 210 upstream sessions at once carry
+# ``@pytest.mark.xdist_group("many_upstream_sessions")``: test.sh runs pytest-xdist with
+# ``--dist loadgroup``, so they run one after another in one worker and, with what the other
+# worker holds, stay under the cluster's max_connections (400).

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
+import functools
 import http.server
 import ipaddress
 import json
@@ -17,10 +19,11 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import jwt
 from cryptography import x509
@@ -330,6 +333,17 @@ class RawResult:
         return None
 
 
+@functools.cache
+def unverified_client_context() -> ssl.SSLContext:
+    """A TLS client context that checks no certificate (the proxy's is self-signed), made
+    once: ``ssl.create_default_context()`` loads the system CA bundle, about 0.1 s of CPU
+    per call, which hundreds of test clients would pay for nothing."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class RawClient:
     """A minimal frontend speaking the protocol by hand, for byte-exact checks."""
 
@@ -356,11 +370,8 @@ class RawClient:
         answer = self.recv_exact(1)
         if answer != b"S":
             raise AssertionError(f"expected S, got {answer!r}")
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
         assert isinstance(self.sock, socket.socket)
-        self.sock = context.wrap_socket(self.sock)
+        self.sock = unverified_client_context().wrap_socket(self.sock)
 
     def read_message(self) -> tuple[bytes, bytes]:
         tag, length = struct.unpack("!ci", self.recv_exact(5))
@@ -426,15 +437,15 @@ def proxy_dsn(proxy: ProxyProcess | int, user: str, token: str, **extra: str) ->
     """libpq parameters for a client of ``proxy`` (or a port) with ``token`` as password,
     TLS required; ``extra`` adds or overrides parameters."""
     port = proxy if isinstance(proxy, int) else proxy.port
-    return format_dsn(
-        host="127.0.0.1",
-        port=str(port),
-        user=user,
-        password=token,
-        dbname="postgres",
-        sslmode="require",
-        **extra,
-    )
+    params = {
+        "host": "127.0.0.1",
+        "port": str(port),
+        "user": user,
+        "password": token,
+        "dbname": "postgres",
+        "sslmode": "require",
+    }
+    return format_dsn(**{**params, **extra})
 
 
 def postgres_env(*, start: bool = False) -> dict[str, str]:
@@ -547,3 +558,39 @@ class JwksServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def cluster_lock(directory: Path, *, exclusive: bool, timeout: float = 300) -> Iterator[None]:
+    """A readers-writer lock over the shared test cluster, across processes (pytest-xdist
+    workers): shared for a test that uses PostgreSQL, exclusive for one that restarts it.
+    A writer takes the turnstile first, so readers arriving after it wait and it is not
+    starved; every wait is bounded by ``timeout``."""
+
+    def take(file: IO[bytes], operation: int) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(file, operation | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{file.name} not locked within {timeout:g}s") from None
+                time.sleep(0.02)
+
+    with (
+        open(directory / "tests-turnstile.lock", "ab") as turnstile,
+        open(directory / "tests-cluster.lock", "ab") as lock,
+    ):
+        take(turnstile, fcntl.LOCK_EX)
+        try:
+            take(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)

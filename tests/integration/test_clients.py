@@ -204,6 +204,7 @@ def test_random_cancel_key_does_nothing(proxy: ProxyProcess, token_for: Callable
     assert "cancel request ignored" in proxy.log()
 
 
+@pytest.mark.xdist_group("many_upstream_sessions")  # see conftest.py
 def test_200_concurrent_clients(proxy: ProxyProcess, token_for: Callable[..., str]) -> None:
     token = token_for("scram_user")
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from harness import Postgres, ProxyProcess, RawClient, free_port
+from harness import Postgres, ProxyProcess, RawClient, free_port, unverified_client_context
 from test_operations import http_get, metric
 
 from jwtpgproxy.protocol import wire
@@ -60,10 +60,7 @@ class MemoryBioClient:
         self._plain = b""
         self.sock.sendall(wire.ssl_request())
         assert self.sock.recv(1) == b"S"
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        self._tls = context.wrap_bio(self._incoming, self._outgoing)
+        self._tls = unverified_client_context().wrap_bio(self._incoming, self._outgoing)
         while True:
             try:
                 self._tls.do_handshake()

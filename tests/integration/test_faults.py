@@ -39,6 +39,7 @@ from harness import (
     postgres_env,
     proxy_dsn,
     rss_kib,
+    unverified_client_context,
     wait_for,
 )
 
@@ -96,6 +97,7 @@ def _accepts_connections(pg: Postgres) -> bool:
 # --- restarts and terminations ---------------------------------------------------------------
 
 
+@pytest.mark.restarts_postgres
 def test_upstream_restarted_mid_session(
     start_proxy: Callable[..., ProxyProcess], pg: Postgres, token_for: Callable[..., str]
 ) -> None:
@@ -312,6 +314,7 @@ async def _one_client(
             await writer.wait_closed()
 
 
+@pytest.mark.xdist_group("many_upstream_sessions")  # see conftest.py
 def test_1000_concurrent_clients(
     start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
 ) -> None:
@@ -334,9 +337,7 @@ def test_1000_concurrent_clients(
     )
     assert proxy.process is not None
     token = token_for(LOAD_USER, ttl=600)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = unverified_client_context()
 
     async def main() -> tuple[list[BaseException | None], float, int]:
         barrier = _Barrier(total)
@@ -382,6 +383,7 @@ def test_1000_concurrent_clients(
 # --- memory per idle session -----------------------------------------------------------------
 
 
+@pytest.mark.xdist_group("many_upstream_sessions")  # see conftest.py
 def test_memory_per_idle_authenticated_connection(
     start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
 ) -> None:
@@ -392,9 +394,7 @@ def test_memory_per_idle_authenticated_connection(
     assert proxy.process is not None
     pid = proxy.process.pid
     token = token_for(USER, ttl=600)
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = unverified_client_context()
     count = 200
 
     async def connect() -> asyncpg.Connection:

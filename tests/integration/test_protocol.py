@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -21,7 +20,7 @@ import psycopg
 import psycopg2
 import psycopg2.extensions
 import pytest
-from harness import Postgres, ProxyProcess, RawClient, proxy_dsn
+from harness import Postgres, ProxyProcess, RawClient, proxy_dsn, unverified_client_context
 from test_clients import psql_binary
 
 from jwtpgproxy.protocol import wire
@@ -129,6 +128,7 @@ def test_asyncpg_timeout_cancels_server_side(
     asyncio.run(main())
 
 
+@pytest.mark.xdist_group("many_upstream_sessions")  # see conftest.py
 def test_100_concurrent_cancels_hit_only_their_own_sessions(
     proxy: ProxyProcess, pg: Postgres, token_for: Callable[..., str]
 ) -> None:
@@ -258,11 +258,8 @@ def test_direct_tls_with_psycopg3(proxy: ProxyProcess, token_for: Callable[..., 
 
 
 def test_direct_tls_without_alpn_refused(proxy: ProxyProcess) -> None:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # no ALPN offered
     raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    with context.wrap_socket(raw) as tls:
+    with unverified_client_context().wrap_socket(raw) as tls:  # no ALPN offered
         data = b""
         while chunk := tls.recv(4096):
             data += chunk

@@ -16,6 +16,7 @@ import secrets
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -640,18 +641,23 @@ def test_background_refresh(server: Server, keys: Keys) -> None:
     server.json("/jwks", jwks(jwk(keys.ed25519, kid="k1")))
 
     async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor()  # runs every fetch thread of this source
+        loop.set_default_executor(executor)
         source = JwksKeySource(url=server.url("/jwks"), refresh_seconds=0.05)
         await source.start()
         server.json("/jwks", jwks(jwk(keys.ed25519_b, kid="k2")))
-        for _ in range(200):
+        for _ in range(1000):  # at most 10 s, on a loaded machine
             if [k.kid for k in source.keys] == ["k2"]:
                 break
             await asyncio.sleep(0.01)
         assert [k.kid for k in source.keys] == ["k2"]
         await source.close()
-        # A fetch already in its worker thread at close() may still land; after that,
-        # nothing new starts.
-        await asyncio.sleep(0.2)
+        # A fetch already in its worker thread at close() may still land: wait for those
+        # threads to end (a fresh executor takes any later fetch). After that, nothing
+        # new starts within six refresh periods.
+        executor.shutdown(wait=True)
+        loop.set_default_executor(ThreadPoolExecutor())
         count = server.counts["/jwks"]
         await asyncio.sleep(0.3)
         assert server.counts["/jwks"] == count  # closed: no more fetches
