@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import shutil
 import signal
 import socket
@@ -19,7 +20,15 @@ import psycopg
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from harness import Postgres, ProxyProcess, RawClient, free_port, proxy_dsn, write_self_signed
+from harness import (
+    Postgres,
+    ProxyProcess,
+    RawClient,
+    free_port,
+    proxy_dsn,
+    wait_for,
+    write_self_signed,
+)
 from test_failures import bad_tokens
 
 from jwtpgproxy.protocol import wire
@@ -49,6 +58,13 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def _read_to_end(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
 # --- Limits and deadlines -------------------------------------------------------------------
 
 
@@ -72,8 +88,9 @@ def test_connection_limit_gives_53300_while_existing_sessions_work(
     finally:
         for conn in held:
             conn.close()
-    time.sleep(0.3)
-    with psycopg.connect(dsn) as conn:  # and once they leave, a new client gets in
+    # Once they leave (the proxy has logged their ends), a new client gets in.
+    assert wait_for(lambda: proxy.log().count("connection closed") >= 3 + 20), proxy.log()
+    with psycopg.connect(dsn) as conn:
         assert conn.execute("select 2").fetchone() == (2,)
 
 
@@ -105,11 +122,13 @@ def test_pending_login_cap_closes_new_connections_until_deadline(
 ) -> None:
     proxy = start_proxy(MAX_PENDING_LOGINS="5", AUTHENTICATION_TIMEOUT="2")
     stalled = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(5)]
-    time.sleep(0.3)
+    assert wait_for(lambda: proxy.log().count("connection received") >= 5), proxy.log()
     extra = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
     assert extra.recv(1) == b""  # closed at once: the pending-login slots are full
     extra.close()
-    time.sleep(2.5)  # the deadline frees the stalled slots
+    for sock in stalled:  # the deadline ends the stalled logins and frees their slots
+        sock.settimeout(10)
+        _read_to_end(sock)  # closed by the proxy (a TimeoutError here fails the test)
     with psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user"))) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
     for sock in stalled:
@@ -123,9 +142,11 @@ def test_idle_session_timeout_ends_idle_sessions_with_57p05(
     proxy = start_proxy(IDLE_SESSION_TIMEOUT="1")
     dsn = proxy_dsn(proxy, "scram_user", token_for("scram_user"))
     with psycopg.connect(dsn, autocommit=True) as conn:
-        # Busy for longer than the timeout is not idle: a 2 s query completes.
-        assert conn.execute("select pg_sleep(2), 1").fetchone() == ("", 1)
-        time.sleep(2)
+        # Busy for longer than the timeout is not idle: a 1.5 s query completes.
+        assert conn.execute("select pg_sleep(1.5), 1").fetchone() == ("", 1)
+        # Idle: the FATAL arrives on its own, about 1 s later.
+        readable, _, _ = select.select([conn.fileno()], [], [], 10)
+        assert readable, "no idle-session timeout within 10 s"
         with pytest.raises(psycopg.OperationalError, match="idle-session timeout"):
             conn.execute("select 1")
 
@@ -177,7 +198,7 @@ def test_second_sigint_exits_at_once(
     conn = psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user")))
     assert proxy.process is not None
     proxy.process.send_signal(signal.SIGINT)
-    time.sleep(0.5)
+    assert wait_for(lambda: "draining" in proxy.log()), proxy.log()
     assert proxy.alive  # draining, waiting for the open session
     started = time.monotonic()
     proxy.process.send_signal(signal.SIGINT)
