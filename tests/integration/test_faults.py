@@ -408,12 +408,16 @@ def test_memory_per_idle_authenticated_connection(
             statement_cache_size=0,
         )
 
+    def closed(sessions: int) -> None:
+        """Until the proxy has logged the end of ``sessions`` sessions (bounded)."""
+        assert wait_for(lambda: proxy.log().count("connection closed") >= sessions, timeout=30)
+
     async def main() -> tuple[int, int, int]:
         warm = [await connect() for _ in range(10)]
         for conn in warm:
             assert await conn.fetchval("select 1") == 1
             await conn.close()
-        await asyncio.sleep(0.5)
+        await asyncio.to_thread(closed, 10)
         before = rss_kib(pid)
         gate = asyncio.Semaphore(50)
 
@@ -424,10 +428,9 @@ def test_memory_per_idle_authenticated_connection(
                 return conn
 
         conns = await asyncio.gather(*(one() for _ in range(count)))
-        await asyncio.sleep(1)
-        during = rss_kib(pid)
+        during = rss_kib(pid)  # every session is open and has answered a query
         await asyncio.gather(*(c.close() for c in conns))
-        await asyncio.sleep(1)
+        await asyncio.to_thread(closed, 10 + count)
         return before, during, rss_kib(pid)
 
     before, during, after = asyncio.run(main())
