@@ -594,3 +594,17 @@ def cluster_lock(directory: Path, *, exclusive: bool, timeout: float = 300) -> I
             fcntl.flock(lock, fcntl.LOCK_UN)
             if exclusive:
                 fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+def wait_backend_sleeping(pg: Postgres, condition: str, *params: object) -> None:
+    """Until a backend matching ``condition`` (SQL on pg_stat_activity, with ``params``) is
+    in pg_sleep: the moment to cancel a query, or to act on a busy session (bounded)."""
+    import psycopg  # the harness itself needs no client library
+
+    with psycopg.connect(pg.superuser_dsn(), autocommit=True) as admin:
+
+        def sleeping() -> bool:
+            query = f"select 1 from pg_stat_activity where wait_event = 'PgSleep' and {condition}"
+            return admin.execute(query, params).fetchone() is not None  # type: ignore[arg-type]
+
+        assert wait_for(sleeping, timeout=10), f"no backend in pg_sleep where {condition}"

@@ -26,24 +26,13 @@ from harness import (
     RawClient,
     proxy_dsn,
     unverified_client_context,
-    wait_for,
+    wait_backend_sleeping,
 )
 from test_clients import psql_binary
 
 from jwtpgproxy.protocol import wire
 
 # --- Cancel -----------------------------------------------------------------------------
-
-
-def _wait_sleeping(pg: Postgres, condition: str, *params: object) -> None:
-    """Until a backend matching ``condition`` (SQL on pg_stat_activity) is in pg_sleep."""
-    with psycopg.connect(pg.superuser_dsn(), autocommit=True) as admin:
-
-        def sleeping() -> bool:
-            query = f"select 1 from pg_stat_activity where wait_event = 'PgSleep' and {condition}"
-            return admin.execute(query, params).fetchone() is not None  # type: ignore[arg-type]
-
-        assert wait_for(sleeping, timeout=10), f"no backend in pg_sleep where {condition}"
 
 
 def _assert_cancels(
@@ -53,7 +42,7 @@ def _assert_cancels(
     in the sleep; the query must end with SQLSTATE 57014 within a few seconds."""
 
     def cancel_when_sleeping() -> None:
-        _wait_sleeping(pg, "pid = %s", backend_pid)
+        wait_backend_sleeping(pg, "pid = %s", backend_pid)
         cancel()
 
     canceller = threading.Thread(target=cancel_when_sleeping)
@@ -119,7 +108,7 @@ def test_psql_ctrl_c_cancels(
         text=True,
     )
     try:
-        _wait_sleeping(pg, "application_name = 'psql-ctrl-c'")
+        wait_backend_sleeping(pg, "application_name = 'psql-ctrl-c'")
         started = time.monotonic()
         process.send_signal(signal.SIGINT)  # what Ctrl-C does: psql sends a CancelRequest
         _, stderr = process.communicate(timeout=10)
@@ -182,7 +171,7 @@ def test_100_concurrent_cancels_hit_only_their_own_sessions(
             tasks = [asyncio.create_task(c.fetchval("select pg_sleep(60)")) for c in conns]
             # Every backend in its sleep (bounded), then cancel half of them.
             await asyncio.to_thread(
-                _wait_sleeping, pg, "pid = any(%s) having count(*) = %s", pids, len(pids)
+                wait_backend_sleeping, pg, "pid = any(%s) having count(*) = %s", pids, len(pids)
             )
             cancelled = set(pids[::2])
             for conn, task in zip(conns, tasks, strict=True):
