@@ -608,3 +608,15 @@ def wait_backend_sleeping(pg: Postgres, condition: str, *params: object) -> None
             return admin.execute(query, params).fetchone() is not None  # type: ignore[arg-type]
 
         assert wait_for(sleeping, timeout=10), f"no backend in pg_sleep where {condition}"
+
+
+def wait_sessions_ended(proxy: ProxyProcess, timeout: float = 10) -> None:
+    """Until every connection the proxy received has ended (its text log has as many
+    ``connection closed`` lines as ``connection received`` ones): after that, none of them
+    can still reach upstream, so "nothing reached upstream" can be asserted (bounded)."""
+
+    def ended() -> bool:
+        log = proxy.log()
+        return log.count(": connection received: ") == log.count(": connection closed: ")
+
+    assert wait_for(ended, timeout=timeout), "sessions still open:\n" + proxy.log()[-3000:]

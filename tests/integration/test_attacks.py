@@ -28,7 +28,15 @@ import jwt
 import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from harness import KeyPair, Postgres, ProxyProcess, RawClient, RecordingUpstream, mint
+from harness import (
+    KeyPair,
+    Postgres,
+    ProxyProcess,
+    RawClient,
+    RecordingUpstream,
+    mint,
+    wait_sessions_ended,
+)
 
 from jwtpgproxy.protocol import wire
 
@@ -132,7 +140,7 @@ def _assert_good_token_still_works(
     proxy: ProxyProcess, recorder: RecordingUpstream, token: str
 ) -> None:
     assert proxy.alive
-    time.sleep(0.2)
+    wait_sessions_ended(proxy)
     assert recorder.accepted == 0
     client = RawClient(proxy.port)
     client.login(USER, token)
@@ -279,7 +287,7 @@ def test_ssl_request_injection(
         assert data[:1] == b"E"
     assert "injected_user" not in proxy_to_recorder.log()
     assert proxy_to_recorder.alive
-    time.sleep(0.1)
+    wait_sessions_ended(proxy_to_recorder)
     assert recording_upstream.accepted == 0
 
 
@@ -351,7 +359,7 @@ def test_password_claims_more_then_eof(
     client = _after_startup(proxy_to_recorder)
     client.send(b"p" + struct.pack("!i", 1000) + b"eyJhbGciOi")
     client.sock.close()
-    time.sleep(0.3)
+    wait_sessions_ended(proxy_to_recorder)
     assert proxy_to_recorder.alive
     assert recording_upstream.accepted == 0
 
@@ -374,7 +382,7 @@ def test_password_claims_less(
     client.send(b"p" + struct.pack("!i", 4 + 20) + token + b"\0")
     error = client.read_until_end().error()
     assert error is not None and error["C"] == "08P01"
-    time.sleep(0.2)
+    wait_sessions_ended(proxy_to_recorder)
     assert recording_upstream.accepted == 0
 
 

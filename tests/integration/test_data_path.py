@@ -16,11 +16,17 @@ import socket
 import ssl
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from harness import Postgres, ProxyProcess, RawClient, free_port, unverified_client_context
+from harness import (
+    Postgres,
+    ProxyProcess,
+    RawClient,
+    free_port,
+    unverified_client_context,
+    wait_for,
+)
 from test_operations import http_get, metric
 
 from jwtpgproxy.protocol import wire
@@ -230,9 +236,7 @@ def test_a_client_that_stops_reading_is_reported_as_stalled(
     assert client.login("scram_user", token_for("scram_user")).tags[-1] == b"Z"
     query = b"COPY (SELECT repeat('x', 1000) FROM generate_series(1, 20000)) TO STDOUT\0"
     client.send(wire.typed_message(b"Q", query))
-    deadline = time.monotonic() + 15
-    while "splice stalled" not in proxy.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    assert wait_for(lambda: "splice stalled" in proxy.log(), timeout=15)
     assert "splice stalled: direction=to_client" in proxy.log()
     _, text = http_get(metrics_port, "/metrics")
     assert metric(text, "jwtpgproxy_splice_stalled", direction="to_client") == 1
@@ -243,9 +247,7 @@ def test_a_client_that_stops_reading_is_reported_as_stalled(
     while (message := client.read_message())[0] != b"Z":
         total += len(message[1]) if message[0] == b"d" else 0
     assert total == 20000 * 1001
-    deadline = time.monotonic() + 15
-    while "splice moving again" not in proxy.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    assert wait_for(lambda: "splice moving again" in proxy.log(), timeout=15)
     assert "splice moving again: direction=to_client" in proxy.log()
     _, text = http_get(metrics_port, "/metrics")
     assert metric(text, "jwtpgproxy_splice_stalled", direction="to_client") == 0

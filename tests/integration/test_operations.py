@@ -89,7 +89,7 @@ def test_connection_limit_gives_53300_while_existing_sessions_work(
         for conn in held:
             conn.close()
     # Once they leave (the proxy has logged their ends), a new client gets in.
-    assert wait_for(lambda: proxy.log().count("connection closed") >= 3 + 20), proxy.log()
+    assert wait_for(lambda: proxy.log().count(": connection closed: ") >= 3 + 20), proxy.log()
     with psycopg.connect(dsn) as conn:
         assert conn.execute("select 2").fetchone() == (2,)
 
@@ -122,7 +122,7 @@ def test_pending_login_cap_closes_new_connections_until_deadline(
 ) -> None:
     proxy = start_proxy(MAX_PENDING_LOGINS="5", AUTHENTICATION_TIMEOUT="2")
     stalled = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(5)]
-    assert wait_for(lambda: proxy.log().count("connection received") >= 5), proxy.log()
+    assert wait_for(lambda: proxy.log().count(": connection received: ") >= 5), proxy.log()
     extra = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
     assert extra.recv(1) == b""  # closed at once: the pending-login slots are full
     extra.close()
