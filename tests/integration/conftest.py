@@ -15,6 +15,7 @@ from harness import (
     cluster_lock,
     mint,
     postgres_env,
+    wait_sessions_ended,
     write_self_signed,
 )
 
@@ -107,25 +108,51 @@ def proxy(
         yield process
 
 
-@pytest.fixture
-def recording_upstream() -> Iterator[RecordingUpstream]:
+@pytest.fixture(scope="module")
+def _shared_recording_upstream() -> Iterator[RecordingUpstream]:
     upstream = RecordingUpstream()
     yield upstream
     upstream.close()
 
 
+@pytest.fixture(scope="module")
+def _shared_proxy_to_recorder(
+    tmp_path_factory: pytest.TempPathFactory,
+    base_env: dict[str, str],
+    _shared_recording_upstream: RecordingUpstream,
+) -> Iterator[ProxyProcess]:
+    env = {
+        **{k: v for k, v in base_env.items() if k != "UPSTREAM__SSLROOTCERT"},
+        "UPSTREAM__HOST": "127.0.0.1",
+        "UPSTREAM__PORT": str(_shared_recording_upstream.port),
+        "UPSTREAM__SSLMODE": "disable",
+    }
+    process = ProxyProcess(env, tmp_path_factory.mktemp("proxy-to-recorder") / "proxy.log")
+    with process:
+        yield process
+
+
+@pytest.fixture
+def recording_upstream(_shared_recording_upstream: RecordingUpstream) -> RecordingUpstream:
+    """A recording listener, shared by a module's tests and reset for each."""
+    _shared_recording_upstream.reset()
+    return _shared_recording_upstream
+
+
 @pytest.fixture
 def proxy_to_recorder(
-    start_proxy: ProxyFactory, recording_upstream: RecordingUpstream
+    _shared_proxy_to_recorder: ProxyProcess, recording_upstream: RecordingUpstream
 ) -> ProxyProcess:
     """A proxy whose upstream is the recording listener: shows whether a refused client
-    caused any upstream connection at all."""
-    return start_proxy(
-        UPSTREAM__HOST="127.0.0.1",
-        UPSTREAM__PORT=str(recording_upstream.port),
-        UPSTREAM__SSLMODE="disable",
-        UPSTREAM__SSLROOTCERT=None,
-    )
+    caused any upstream connection at all. Shared by a module's tests: each starts once
+    the previous one's sessions have all ended, with a fresh record and its own log."""
+    proxy = _shared_proxy_to_recorder
+    assert proxy.alive, proxy.log()
+    proxy.log_start = 0
+    wait_sessions_ended(proxy)
+    proxy.log_start = len(proxy.log())
+    recording_upstream.reset()
+    return proxy
 
 
 @pytest.fixture

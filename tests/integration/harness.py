@@ -181,6 +181,9 @@ class ProxyProcess:
             **env,
         }
         self.log_path = log_path
+        #: Where :meth:`log` begins: a proxy shared by several tests moves it to the end at
+        #: each test's start, so each test reads its own lines only.
+        self.log_start = 0
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15) -> ProxyProcess:
@@ -200,7 +203,9 @@ class ProxyProcess:
         raise RuntimeError(f"proxy did not start within {timeout}s: {self.log()}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[self.log_start :]
 
     @property
     def alive(self) -> bool:
@@ -232,7 +237,8 @@ class ProxyProcess:
 
 class RecordingUpstream:
     """A TCP listener standing in for upstream: records every connection it accepts and
-    closes it. Proves that a refused client caused no upstream connection at all."""
+    closes it. Proves that a refused client caused no upstream connection at all.
+    :meth:`reset` starts the record afresh (for the next test of a shared one)."""
 
     def __init__(self) -> None:
         self._sock = socket.socket()
@@ -257,6 +263,10 @@ class RecordingUpstream:
             with contextlib.suppress(OSError):
                 self.received += conn.recv(65536)
             conn.close()
+
+    def reset(self) -> None:
+        self.accepted = 0
+        self.received = bytearray()
 
     def close(self) -> None:
         self._stop.set()

@@ -276,6 +276,10 @@ def test_ssl_request_injection(
     else:
         sock.sendall(wire.ssl_request())
         sock.sendall(injected)
+        # The attacker has nothing more to send. Arriving after 'S', a few bytes are only
+        # the start of a TLS record, which the handshake would wait on until the login
+        # deadline; the end of the stream makes it fail now.
+        sock.shutdown(socket.SHUT_WR)
     data, closed = _read_all(sock)
     sock.close()
     assert closed
