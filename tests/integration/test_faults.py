@@ -42,6 +42,7 @@ from harness import (
     rss_kib,
     unverified_client_context,
     wait_for,
+    wait_sessions_ended,
 )
 
 from jwtpgproxy.protocol import wire
@@ -229,7 +230,7 @@ def test_no_leaked_file_descriptors(
     pid = proxy.process.pid
     token = token_for(USER)
     _good(proxy.port, token)  # warm-up (lazy imports, first upstream TLS)
-    time.sleep(0.3)
+    wait_sessions_ended(proxy)
     before = fd_count(pid)
     for i in range(200):
         MIXES[i % len(MIXES)](proxy.port, token)

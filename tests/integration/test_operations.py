@@ -26,7 +26,9 @@ from harness import (
     RawClient,
     free_port,
     proxy_dsn,
+    wait_backend_sleeping,
     wait_for,
+    wait_sessions_ended,
     write_self_signed,
 )
 from test_failures import bad_tokens
@@ -261,6 +263,7 @@ def test_sighup_reloads_certificate_and_keeps_sessions(
 
 def test_metrics_after_known_mix_of_logins(
     start_proxy: Callable[..., ProxyProcess],
+    pg: Postgres,
     keys: dict[str, object],
     token_for: Callable[..., str],
 ) -> None:
@@ -273,14 +276,17 @@ def test_metrics_after_known_mix_of_logins(
     for token in (token_for("scram_user", ttl=-100), token_for("scram_user", key="other")):
         RawClient(proxy.port).login("scram_user", token)
     with psycopg.connect(dsn) as conn:
-        timer = threading.Timer(0.5, conn.cancel)
-        timer.start()
+        pid = conn.info.backend_pid
+        canceller = threading.Thread(
+            target=lambda: (wait_backend_sleeping(pg, "pid = %s", pid), conn.cancel())
+        )
+        canceller.start()
         with pytest.raises(psycopg.errors.QueryCanceled):
             conn.execute("select pg_sleep(10)")
-        timer.join()
+        canceller.join()
     plain = RawClient(proxy.port)  # refused: no TLS
     plain.login("scram_user", token_for("scram_user"), tls=False)
-    time.sleep(0.5)
+    wait_sessions_ended(proxy)  # every session counted
 
     status, text = http_get(metrics_port, "/metrics")
     assert status == 200
@@ -313,7 +319,7 @@ def test_healthz_and_readyz(
     conn = psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user")))
     assert proxy.process is not None
     proxy.process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    assert wait_for(lambda: http_get(metrics_port, "/readyz")[0] == 503)
     status, body = http_get(metrics_port, "/readyz")
     assert (status, body) == (503, "shutting down\n")
     assert http_get(metrics_port, "/healthz")[0] == 200
