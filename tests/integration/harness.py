@@ -10,6 +10,7 @@ import http.server
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -630,3 +633,27 @@ def wait_sessions_ended(proxy: ProxyProcess, timeout: float = 10) -> None:
         return log.count(": connection received: ") == log.count(": connection closed: ")
 
     assert wait_for(ended, timeout=timeout), "sessions still open:\n" + proxy.log()[-3000:]
+
+
+def http_get(port: int, path: str = "/metrics") -> tuple[int, str]:
+    """GET http://127.0.0.1:``port````path`` (the admin listener): status and body."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
+        if not match or match.group(1) != name:
+            continue
+        have = ",".join(sorted((match.group(2) or "").split(","))) if match.group(2) else ""
+        if have == wanted:
+            return float(match.group(3))
+    return 0.0

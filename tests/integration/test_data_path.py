@@ -24,10 +24,11 @@ from harness import (
     ProxyProcess,
     RawClient,
     free_port,
+    http_get,
+    metric,
     unverified_client_context,
     wait_for,
 )
-from test_operations import http_get, metric
 
 from jwtpgproxy.protocol import wire
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import select
 import shutil
 import signal
@@ -11,8 +10,6 @@ import socket
 import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +22,8 @@ from harness import (
     ProxyProcess,
     RawClient,
     free_port,
+    http_get,
+    metric,
     proxy_dsn,
     wait_backend_sleeping,
     wait_for,
@@ -35,29 +34,6 @@ from test_failures import bad_tokens
 
 from jwtpgproxy.protocol import wire
 from jwtpgproxy.proxy.connection import Keepalive, configure_socket
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
-        if not match or match.group(1) != name:
-            continue
-        have = ",".join(sorted((match.group(2) or "").split(","))) if match.group(2) else ""
-        if have == wanted:
-            return float(match.group(3))
-    return 0.0
 
 
 def _read_to_end(sock: socket.socket) -> bytes:

@@ -7,7 +7,6 @@ import re
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 
 import psycopg
@@ -16,6 +15,7 @@ from harness import (
     Postgres,
     ProxyProcess,
     free_port,
+    http_get,
     proxy_dsn,
     wait_backend_sleeping,
     wait_for,
@@ -30,14 +30,6 @@ def worker_pids(proxy: ProxyProcess) -> dict[int, int]:
     for index, pid in re.findall(r"worker started: worker=(\d+) pid=(\d+)", proxy.log()):
         found[int(index)] = int(pid)
     return found
-
-
-def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
 
 
 def start_workers(start_proxy: Callable[..., ProxyProcess], **env: str) -> tuple[ProxyProcess, int]:
@@ -76,7 +68,7 @@ def test_workers_share_the_port_and_cancel_across_workers(
     # all landing on their own session's worker has probability 2**-16).
     assert "cancel request passed to another worker" in log
     assert 'via="peer worker"' in log
-    status, text = scrape(metrics_port)
+    status, text = http_get(metrics_port)
     assert status == 200
     merged = {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
@@ -94,13 +86,13 @@ def test_crashed_worker_is_restarted(
     start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
 ) -> None:
     proxy, metrics_port = start_workers(start_proxy)
-    assert scrape(metrics_port, "/healthz") == (200, "ok\n")
+    assert http_get(metrics_port, "/healthz") == (200, "ok\n")
     victim = worker_pids(proxy)[1]
     os.kill(victim, signal.SIGKILL)  # by PID: the worker we started
     assert wait_for(lambda: worker_pids(proxy).get(1, victim) != victim), proxy.log()
     assert "worker exited unexpectedly: restarting" in proxy.log()
-    assert wait_for(lambda: scrape(metrics_port, "/healthz")[0] == 200)
-    assert scrape(metrics_port, "/healthz") == (200, "ok\n")
+    assert wait_for(lambda: http_get(metrics_port, "/healthz")[0] == 200)
+    assert http_get(metrics_port, "/healthz") == (200, "ok\n")
     for _ in range(6):
         with psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user"))) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
@@ -114,7 +106,7 @@ def test_sigterm_drains_all_workers_and_exits_zero(
     conn.execute("create temp table t (x int)")
     assert proxy.process is not None
     proxy.process.send_signal(signal.SIGTERM)
-    assert wait_for(lambda: scrape(metrics_port, "/readyz")[0] == 503)
+    assert wait_for(lambda: http_get(metrics_port, "/readyz")[0] == 503)
     conn.execute("insert into t values (1)")
     conn.commit()
     conn.close()
