@@ -446,18 +446,15 @@ def format_dsn(**params: str) -> str:
     return " ".join(f"{name}={value}" for name, value in params.items())
 
 
-def proxy_dsn(proxy: ProxyProcess | int, user: str, token: str, **extra: str) -> str:
-    """libpq parameters for a client of ``proxy`` (or a port) with ``token`` as password,
-    TLS required; ``extra`` adds or overrides parameters."""
+def proxy_dsn(proxy: ProxyProcess | int, user: str, token: str | None, **extra: str) -> str:
+    """libpq parameters for a client of ``proxy`` (or a port) with ``token`` as password
+    (None: no password here, e.g. for psql, which reads it from PGPASSWORD instead of its
+    command line), TLS required; ``extra`` adds or overrides parameters."""
     port = proxy if isinstance(proxy, int) else proxy.port
-    params = {
-        "host": "127.0.0.1",
-        "port": str(port),
-        "user": user,
-        "password": token,
-        "dbname": "postgres",
-        "sslmode": "require",
-    }
+    params = {"host": "127.0.0.1", "port": str(port), "user": user}
+    if token is not None:
+        params["password"] = token
+    params |= {"dbname": "postgres", "sslmode": "require"}
     return format_dsn(**{**params, **extra})
 
 

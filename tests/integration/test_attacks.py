@@ -35,6 +35,7 @@ from harness import (
     RawClient,
     RecordingUpstream,
     mint,
+    proxy_dsn,
     wait_sessions_ended,
 )
 
@@ -477,7 +478,7 @@ def _direct_outcome(pg: Postgres, **params: str) -> str:
 
 
 def _proxied_outcome(proxy: ProxyProcess, token: str, **params: str) -> str:
-    dsn = f"host=127.0.0.1 port={proxy.port} user={USER} dbname=postgres sslmode=require"
+    dsn = proxy_dsn(proxy, USER, None)
     try:
         with psycopg.connect(dsn, password=token, connect_timeout=10, **params) as conn:  # type: ignore[arg-type]
             row = conn.execute("select current_user, session_user").fetchone()
@@ -562,7 +563,7 @@ def test_overlong_user_cannot_become_its_63_byte_prefix(
     user name to NAMEDATALEN-1 bytes. Either the proxy refuses names PostgreSQL would
     truncate, or the session's role equals the token's sub."""
     sub = long_role + "_x"
-    dsn = f"host=127.0.0.1 port={proxy.port} user={sub} dbname=postgres sslmode=require"
+    dsn = proxy_dsn(proxy, sub, None)
     try:
         with psycopg.connect(dsn, password=token_for(sub), connect_timeout=10) as conn:
             row = conn.execute("select current_user").fetchone()

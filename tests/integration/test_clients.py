@@ -37,7 +37,7 @@ def test_psql_connects_and_queries(
     result = subprocess.run(
         [
             psql_binary(pg),
-            f"host=127.0.0.1 port={proxy.port} user=scram_user dbname=postgres sslmode=require",
+            proxy_dsn(proxy, "scram_user", None),
             "-Atc",
             "select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()",
         ],

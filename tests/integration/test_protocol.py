@@ -97,8 +97,7 @@ def test_psql_ctrl_c_cancels(
     process = subprocess.Popen(
         [
             psql_binary(pg),
-            f"host=127.0.0.1 port={proxy.port} user=scram_user dbname=postgres sslmode=require"
-            " application_name=psql-ctrl-c",
+            proxy_dsn(proxy, "scram_user", None, application_name="psql-ctrl-c"),
             "-c",
             "select pg_sleep(30)",
         ],
