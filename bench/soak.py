@@ -11,6 +11,15 @@ open fd count and prints a table row. After a warm-up (the first 20 % of the run
 sample), it exits 1 if RSS grew by more than --threshold-mb or fds by more than
 --threshold-fds between the first post-warm-up sample and the last; or if any good login
 failed.
+
+    .venv/bin/python bench/soak.py --churn 10 [--per-phase 750] [--concurrency 40]
+
+Churn mode: the proxy's RSS under connection churn alone. Ten phases, each of --per-phase
+sessions that log in (TLS on both sides) and are aborted by the client -- half right after
+the startup packet, half in the middle of a query result -- then 2 s of quiet and one RSS
+sample. Memory that is freed returns to the same level every phase; a leak, or garbage that
+waits for the cycle collector, grows phase after phase. Exits 1 if the last sample exceeds
+the first by more than --threshold-mb.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import contextlib
 import datetime
 import os
 import random
+import shlex
 import signal
 import ssl
 import struct
@@ -244,12 +254,58 @@ async def run(args: argparse.Namespace, port: int, pid: int, token: str) -> int:
     return status
 
 
+async def churn(args: argparse.Namespace, port: int, pid: int, token: str) -> int:
+    stats = Stats()
+    actions = [abort_after_startup, abort_mid_query]
+    samples: list[int] = []
+    print(f"{'phase':>6}  {'sessions':>9}  {'proxy RSS':>12}  {'fds':>6}")
+    done = 0
+    for phase in range(1, args.churn + 1):
+        queue = list(range(args.per_phase))
+
+        async def one_worker(queue: list[int]) -> None:
+            while queue:
+                index = queue.pop()
+                action = actions[index % 2]
+                try:
+                    await action(port, token, stats)
+                    stats.add(action.__name__)
+                except Exception as exc:
+                    stats.add(action.__name__ + "_failed")
+                    stats.failures.append(f"{action.__name__}: {exc!r}"[:200])
+
+        await asyncio.gather(*(one_worker(queue) for _ in range(args.concurrency)))
+        done += args.per_phase
+        await asyncio.sleep(2)
+        rss, fds = proc_status(pid)
+        samples.append(rss)
+        print(f"{phase:6d}  {done:9d}  {rss / 1024:9.1f} MB  {fds:6d}", flush=True)
+    print("operations:", ", ".join(f"{k}={v}" for k, v in sorted(stats.counts.items())))
+    growth_mb = (samples[-1] - samples[0]) / 1024
+    print(f"RSS from phase 1 to phase {args.churn}: {growth_mb:+.1f} MB")
+    status = 0
+    if growth_mb > args.threshold_mb:
+        print(f"FAIL: RSS grew by more than {args.threshold_mb} MB")
+        status = 1
+    if stats.failures:
+        print(f"FAIL: {len(stats.failures)} sessions misbehaved, e.g. {stats.failures[:3]}")
+        status = 1
+    return status
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=40)
     parser.add_argument("--threshold-mb", type=float, default=30)
     parser.add_argument("--threshold-fds", type=int, default=10)
+    parser.add_argument("--churn", type=int, default=0, metavar="PHASES")
+    parser.add_argument("--per-phase", type=int, default=750)
+    parser.add_argument(
+        "--proxy-cmd",
+        default=f"{sys.executable} -m jwtpgproxy",
+        help="command that runs the proxy (e.g. under a profiler); default: %(default)s",
+    )
     args = parser.parse_args()
     pg = pg_env()
     key = ed25519.Ed25519PrivateKey.generate()
@@ -275,9 +331,7 @@ def main() -> int:
         }
         log_path = Path(tmp) / "proxy.log"
         with log_path.open("wb") as log:
-            proxy = subprocess.Popen(
-                [sys.executable, "-m", "jwtpgproxy"], env=env, stdout=log, stderr=log
-            )
+            proxy = subprocess.Popen(shlex.split(args.proxy_cmd), env=env, stdout=log, stderr=log)
         try:
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
@@ -291,8 +345,11 @@ def main() -> int:
                     break
                 time.sleep(0.1)
             now = int(time.time())
-            ttl = int(args.minutes * 60) + 600
+            ttl = int(args.minutes * 60) + 600 + args.churn * 600
             token = jwt.encode({"sub": USER, "iat": now, "exp": now + ttl}, key, "EdDSA")
+            if args.churn:
+                print(f"churn: {args.churn} phases of {args.per_phase} aborted sessions")
+                return asyncio.run(churn(args, port, proxy.pid, token))
             print(
                 f"soak: {args.minutes:g} min, {args.concurrency} workers, proxy pid {proxy.pid} "
                 f"on port {port}, PostgreSQL on {pg['PGPROXY_TEST_PGPORT']}"

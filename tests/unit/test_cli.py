@@ -198,7 +198,7 @@ def test_parse_duration_refused(text: str) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_tune_malloc_applies_on_glibc() -> None:
-    """The daemon bounds heap fragmentation under connection churn (see tune_malloc)."""
+    """The daemon limits glibc to two malloc arenas (see tune_malloc)."""
     from jwtpgproxy.ops.cli import tune_malloc
 
     assert tune_malloc() is True

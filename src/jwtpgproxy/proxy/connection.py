@@ -9,6 +9,10 @@ Reads go through :data:`read_buffer`, one buffer for the whole process: the even
 one callback at a time, and every reader copies what it got out of it before returning. With
 a buffered protocol uvloop's TLS transport decrypts into that buffer (``SSLObject.read(n,
 buffer)``); with a plain one it would allocate a 256 KiB bytes object for every read.
+
+The protocol lets go of its transport once the connection is lost or handed over: a
+transport refers to its protocol, so holding it longer would make a reference cycle, and an
+abandoned TLS connection would then wait for the cycle collector with its buffers.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
         self._keepalive = keepalive or Keepalive()
         self._peer_closed = peer_closed
         self.transport: asyncio.Transport | None = None
+        #: Whether the event loop ever gave this protocol a transport.
+        self.connected = False
         self._buffer = bytearray()
         self._eof = False
         self._lost = False
@@ -66,6 +72,7 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.connected = True
         configure_socket(self.transport, self._keepalive)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -87,6 +94,7 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._eof = True
+        self.transport = None
         self._wake_reader()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
@@ -168,13 +176,15 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
 
     def detach(self) -> tuple[asyncio.Transport, bytes]:
         """Give up the transport (for splicing) with the bytes not consumed yet."""
-        assert self.transport is not None
+        transport = self.transport
+        assert transport is not None
+        self.transport = None
         leftover = bytes(self._buffer)
         self._buffer.clear()
         if self._read_paused:
             self._read_paused = False
-            self.transport.resume_reading()
-        return self.transport, leftover
+            transport.resume_reading()
+        return transport, leftover
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -388,10 +388,10 @@ class Session:
             to_client += message.encode()
         to_client += upstream.leftover
 
-        client_transport, client_rest = self.client.detach()
-        upstream_transport, upstream_rest = upstream.protocol.detach()
         if self.client.closed or upstream.protocol.closed:
             raise ClientDisconnected("a side closed while login completed")
+        client_transport, client_rest = self.client.detach()
+        upstream_transport, upstream_rest = upstream.protocol.detach()
         self._splice = Splice(
             client_transport, upstream_transport, endable=self.runtime.endable_sessions
         )
@@ -482,7 +482,7 @@ class Session:
             self._context.cancels.unregister(self._cancel_entry)
         if self._splice is None:
             self.client.close()
-            if self.client.transport is None:
+            if not self.client.connected:
                 self._sock.close()  # never got a transport: the socket is still ours
             if self.upstream is not None:
                 self.upstream.protocol.abort()

@@ -20,12 +20,20 @@ Two details of the TLS side, both measured (issue 10, issue 11):
   about 8 KiB free; a 16 KiB record leaves decrypted bytes inside the client's OpenSSL
   while it waits for a socket that never becomes readable again -- a hang
   (cockroachdb#147890, psycopg#1107). The same cap applies towards a TLS upstream.
+
+No reference cycles outlive a splice: a transport refers to its protocol (a half), and a
+half to both transports, so once both sides are lost each half swaps its transports for
+:data:`_GONE`; halves refer to their splice only weakly. An aborted TLS session is then
+freed as soon as its last callback returns, not at the cycle collector's next pass with
+both TLS layers' buffers (measured: RSS grew 56 MB per 300 aborted sessions before).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any, cast
 
 from .connection import read_buffer
 
@@ -80,6 +88,43 @@ class MessageBoundaries:
                 self._remaining = max(length - 4, 0)
 
 
+class _GoneTransport:
+    """What a half holds instead of its transports once both are lost: every call is a
+    no-op (a late call cannot touch a closed connection) and nothing refers back."""
+
+    __slots__ = ()
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def writelines(self, data: Iterable[bytes | memoryview]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+_GONE = cast(asyncio.Transport, _GoneTransport())
+
+
 def is_tls(transport: asyncio.BaseTransport) -> bool:
     return transport.get_extra_info("ssl_object") is not None
 
@@ -95,7 +140,7 @@ class Half(asyncio.BaseProtocol):
     __slots__ = ("_seen", "_splice", "_write", "bytes", "own", "peer", "stuck_since")
 
     def __init__(self, splice: Splice, own: asyncio.Transport, peer: asyncio.Transport) -> None:
-        self._splice = splice
+        self._splice = weakref.ref(splice)
         self.own = own
         self.peer = peer
         self.bytes = 0
@@ -130,11 +175,28 @@ class Half(asyncio.BaseProtocol):
 
     def eof_received(self) -> bool | None:
         # PostgreSQL has no half-closed state: end of stream from one side ends the session.
-        self._splice.close()
+        splice = self._splice()
+        if splice is not None:
+            splice.close()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._splice.side_lost(self)
+        splice = self._splice()
+        if splice is not None:
+            splice.side_lost(self)
+        else:  # the session is gone already; close what is left
+            self.peer.close()
+
+    def peer_lost(self) -> None:
+        """``peer`` is gone: what still arrives from ``own`` has nowhere to go (writing it
+        to a closed TLS transport would only log a warning per write)."""
+        self.peer = _GONE
+        self._write = _GONE.write
+
+    def release(self) -> None:
+        """Both sides are lost: drop the transports (see the module docstring)."""
+        self.own = _GONE
+        self.peer_lost()
 
     def pause_writing(self) -> None:
         self.peer.pause_reading()
@@ -197,11 +259,18 @@ class EndableHalf(Half):
         assert self._final is not None
         self._ended = True
         self.peer.write(self._final)
-        self._splice.close()
+        splice = self._splice()
+        if splice is not None:
+            splice.close()
 
 
 class BufferedHalf(_BufferedReads, Half, asyncio.BufferedProtocol):
     __slots__ = ()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # The hot path: one Python frame per read (no call through data_received()).
+        self.bytes += nbytes
+        self._write(read_buffer[:nbytes].tobytes())
 
 
 class BufferedEndableHalf(_BufferedReads, EndableHalf, asyncio.BufferedProtocol):
@@ -270,6 +339,11 @@ class Splice:
     def side_lost(self, half: Half) -> None:
         self._lost += 1
         half.peer.close()  # flushes what is buffered, then closes
+        other = self.upstream_half if half is self.client_half else self.client_half
+        other.peer_lost()
+        if self._lost >= 2:
+            self.client_half.release()
+            self.upstream_half.release()
         for future in (self._one_lost, self._both_lost)[: self._lost]:
             if not future.done():
                 future.set_result(None)
