@@ -313,15 +313,11 @@ def test_sessions_leave_no_reference_cycles(
         assert client.read_message()[0] == b"R"
         client.close()
         sessions += 3
-    deadline = time.monotonic() + 20
-    while proxy.log().count("connection closed:") < sessions and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: proxy.log().count("connection closed:") >= sessions, timeout=20)
     assert proxy.log().count("connection closed:") == sessions
     assert proxy.process is not None
     proxy.process.send_signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while not report.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert wait_for(report.exists), "no garbage report within 10 s"
     assert report.read_text() == "{}", report.read_text()
 
 
