@@ -104,9 +104,11 @@ def test_pending_login_cap_closes_new_connections_until_deadline(
     extra = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
     assert extra.recv(1) == b""  # closed at once: the pending-login slots are full
     extra.close()
-    for sock in stalled:  # the deadline ends the stalled logins and frees their slots
+    for sock in stalled:  # the deadline ends the stalled logins...
         sock.settimeout(10)
         _read_to_end(sock)  # closed by the proxy (a TimeoutError here fails the test)
+    # ...and frees their slots once each session is over (its end line is logged).
+    assert wait_for(lambda: proxy.log().count(": connection closed: ") >= 5), proxy.log()
     with psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user"))) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
     for sock in stalled:
