@@ -199,11 +199,25 @@ class ProxyProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"proxy exited with {self.process.returncode}: {self.log()}")
             log = self.log()
-            if "listening:" in log or '"event": "listening"' in log:  # text or JSON logs
+            listening = "listening:" in log or '"event": "listening"' in log  # text or JSON
+            if listening and self._admin_up():
                 return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"proxy did not start within {timeout}s: {self.log()}")
+
+    def _admin_up(self) -> bool:
+        """Whether the admin listener (METRICS__PORT), if any, accepts connections: the
+        daemon opens it after the "listening" line, so a test using it must wait for it."""
+        port = self.env.get("METRICS__PORT")
+        if not port:
+            return True
+        host = self.env.get("METRICS__HOST") or "127.0.0.1"
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
     def log(self) -> str:
         if not self.log_path.exists():
