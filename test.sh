@@ -5,6 +5,8 @@
 #
 # Environment:
 #   RUN_LINT=0        skip `ruff check src tests` and `mypy src`
+#   TEST_WORKERS=N    pytest-xdist worker processes (default 2; 0 or 1: one process, as
+#                     pytest alone; also implied when the arguments contain -n or -p no:xdist)
 #   KEEP_POSTGRES=1   keep the PostgreSQL that this script started running afterwards
 #                     (one that was already running is never stopped)
 #   JWTPGPROXY_PG_*   passed on to ./start-postgres.sh (state dir, port, password)
@@ -142,8 +144,15 @@ fi
 
 # --- pytest --------------------------------------------------------------------
 section pytest
+# Two workers: most integration tests wait on the proxy, PostgreSQL or a deadline, so the
+# second core fills those waits. Tests that must not overlap say so (conftest.py).
+workers="${TEST_WORKERS:-2}"
+xdist=()
+if [[ "$workers" =~ ^[0-9]+$ && "$workers" -gt 1 ]] && ! [[ " $* " =~ \ (-n|--numprocesses|-p\ no:xdist) ]]; then
+    xdist=(-n "$workers" --dist loadgroup)
+fi
 rc=0
-.venv/bin/python -m pytest "$@" || rc=$?
+.venv/bin/python -m pytest ${xdist[@]+"${xdist[@]}"} "$@" || rc=$?
 if [[ $rc -eq 5 ]]; then
     echo "test.sh: error: pytest collected no tests (exit code 5); treating that as a failure" >&2
     exit 1

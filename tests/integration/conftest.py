@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,8 +12,10 @@ from harness import (
     Postgres,
     ProxyProcess,
     RecordingUpstream,
+    cluster_lock,
     mint,
-    read_env_file,
+    postgres_env,
+    wait_sessions_ended,
     write_self_signed,
 )
 
@@ -26,17 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 def pg() -> Postgres:
     """The local test PostgreSQL. test.sh starts it and exports PGPROXY_TEST_*; when pytest
     runs alone, start-postgres.sh is run here (it is idempotent)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("PGPROXY_TEST_")}
-    if "PGPROXY_TEST_PGPORT" not in env:
-        subprocess.run([str(REPO / "start-postgres.sh"), "start"], check=True, timeout=300)
-        out = subprocess.run(
-            [str(REPO / "start-postgres.sh"), "env"],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-        env = read_env_file(out)
+    env = postgres_env(start=True)
     return Postgres(
         host=env["PGPROXY_TEST_PGHOST"],
         port=int(env["PGPROXY_TEST_PGPORT"]),
@@ -118,25 +108,51 @@ def proxy(
         yield process
 
 
-@pytest.fixture
-def recording_upstream() -> Iterator[RecordingUpstream]:
+@pytest.fixture(scope="module")
+def _shared_recording_upstream() -> Iterator[RecordingUpstream]:
     upstream = RecordingUpstream()
     yield upstream
     upstream.close()
 
 
+@pytest.fixture(scope="module")
+def _shared_proxy_to_recorder(
+    tmp_path_factory: pytest.TempPathFactory,
+    base_env: dict[str, str],
+    _shared_recording_upstream: RecordingUpstream,
+) -> Iterator[ProxyProcess]:
+    env = {
+        **{k: v for k, v in base_env.items() if k != "UPSTREAM__SSLROOTCERT"},
+        "UPSTREAM__HOST": "127.0.0.1",
+        "UPSTREAM__PORT": str(_shared_recording_upstream.port),
+        "UPSTREAM__SSLMODE": "disable",
+    }
+    process = ProxyProcess(env, tmp_path_factory.mktemp("proxy-to-recorder") / "proxy.log")
+    with process:
+        yield process
+
+
+@pytest.fixture
+def recording_upstream(_shared_recording_upstream: RecordingUpstream) -> RecordingUpstream:
+    """A recording listener, shared by a module's tests and reset for each."""
+    _shared_recording_upstream.reset()
+    return _shared_recording_upstream
+
+
 @pytest.fixture
 def proxy_to_recorder(
-    start_proxy: ProxyFactory, recording_upstream: RecordingUpstream
+    _shared_proxy_to_recorder: ProxyProcess, recording_upstream: RecordingUpstream
 ) -> ProxyProcess:
     """A proxy whose upstream is the recording listener: shows whether a refused client
-    caused any upstream connection at all."""
-    return start_proxy(
-        UPSTREAM__HOST="127.0.0.1",
-        UPSTREAM__PORT=str(recording_upstream.port),
-        UPSTREAM__SSLMODE="disable",
-        UPSTREAM__SSLROOTCERT=None,
-    )
+    caused any upstream connection at all. Shared by a module's tests: each starts once
+    the previous one's sessions have all ended, with a fresh record and its own log."""
+    proxy = _shared_proxy_to_recorder
+    assert proxy.alive, proxy.log()
+    proxy.log_start = 0
+    wait_sessions_ended(proxy)
+    proxy.log_start = len(proxy.log())
+    recording_upstream.reset()
+    return proxy
 
 
 @pytest.fixture
@@ -146,3 +162,23 @@ def token_for(keys: dict[str, KeyPair]) -> Callable[..., str]:
         return mint(pair.private, pair.algorithm, sub, ttl, **claims)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _postgres_cluster_access(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The test cluster is shared by the pytest-xdist workers: a test that uses it holds it
+    shared, one marked ``restarts_postgres`` holds it alone (the others wait, none fails
+    on a cluster that is down for a moment)."""
+    if "pg" not in request.fixturenames:
+        yield
+        return
+    pg: Postgres = request.getfixturevalue("pg")
+    exclusive = request.node.get_closest_marker("restarts_postgres") is not None
+    with cluster_lock(Path(pg.socket_dir).parent, exclusive=exclusive):
+        yield
+
+
+# The tests that hold 100 to 210 upstream sessions at once carry
+# ``@pytest.mark.xdist_group("many_upstream_sessions")``: test.sh runs pytest-xdist with
+# ``--dist loadgroup``, so they run one after another in one worker and, with what the other
+# worker holds, stay under the cluster's max_connections (400).

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
+import functools
+import http.server
 import ipaddress
+import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -14,10 +19,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import jwt
 from cryptography import x509
@@ -91,28 +100,49 @@ class KeyPair:
 _CONFIG_PREFIXES = ("PUBLIC_KEY", "UPSTREAM__", "DOWNSTREAM__", "TOKEN__")
 
 
-def write_self_signed(directory: Path, common_name: str = "localhost") -> tuple[Path, Path]:
-    """A self-signed ECDSA P-256 certificate (SAN localhost, 127.0.0.1) and its key, as
-    ``cert.pem`` and ``key.pem`` in ``directory``."""
-    key = ec.generate_private_key(ec.SECP256R1())
+def self_signed_certificate(
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+    common_name: str = "localhost",
+    *,
+    dns_names: tuple[str, ...] = ("localhost",),
+    ip_addresses: tuple[str, ...] = ("127.0.0.1",),
+    ca: bool = False,
+    days: int = 2,
+) -> x509.Certificate:
+    """A certificate for ``key`` signed by itself, valid from five minutes ago for ``days``,
+    with the given subject alternative names (none: no SAN extension) and, with ``ca``,
+    BasicConstraints CA:TRUE."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
+        .not_valid_after(now + datetime.timedelta(days=days))
     )
+    names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    if ca:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=True, path_length=None), critical=True
+        )
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm)
+
+
+def write_self_signed(
+    directory: Path, common_name: str = "localhost", **options: object
+) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate (SAN localhost, 127.0.0.1 unless ``options``,
+    passed to :func:`self_signed_certificate`, say otherwise) and its key, as ``cert.pem``
+    and ``key.pem`` in ``directory``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = self_signed_certificate(key, common_name, **options)  # type: ignore[arg-type]
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
@@ -159,6 +189,9 @@ class ProxyProcess:
             **env,
         }
         self.log_path = log_path
+        #: Where :meth:`log` begins: a proxy shared by several tests moves it to the end at
+        #: each test's start, so each test reads its own lines only.
+        self.log_start = 0
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15) -> ProxyProcess:
@@ -171,14 +204,30 @@ class ProxyProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"proxy exited with {self.process.returncode}: {self.log()}")
             log = self.log()
-            if "listening:" in log or '"event": "listening"' in log:  # text or JSON logs
+            listening = "listening:" in log or '"event": "listening"' in log  # text or JSON
+            if listening and self._admin_up():
                 return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"proxy did not start within {timeout}s: {self.log()}")
 
+    def _admin_up(self) -> bool:
+        """Whether the admin listener (METRICS__PORT), if any, accepts connections: the
+        daemon opens it after the "listening" line, so a test using it must wait for it."""
+        port = self.env.get("METRICS__PORT")
+        if not port:
+            return True
+        host = self.env.get("METRICS__HOST") or "127.0.0.1"
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[self.log_start :]
 
     @property
     def alive(self) -> bool:
@@ -210,7 +259,8 @@ class ProxyProcess:
 
 class RecordingUpstream:
     """A TCP listener standing in for upstream: records every connection it accepts and
-    closes it. Proves that a refused client caused no upstream connection at all."""
+    closes it. Proves that a refused client caused no upstream connection at all.
+    :meth:`reset` starts the record afresh (for the next test of a shared one)."""
 
     def __init__(self) -> None:
         self._sock = socket.socket()
@@ -235,6 +285,10 @@ class RecordingUpstream:
             with contextlib.suppress(OSError):
                 self.received += conn.recv(65536)
             conn.close()
+
+    def reset(self) -> None:
+        self.accepted = 0
+        self.received = bytearray()
 
     def close(self) -> None:
         self._stop.set()
@@ -311,6 +365,17 @@ class RawResult:
         return None
 
 
+@functools.cache
+def unverified_client_context() -> ssl.SSLContext:
+    """A TLS client context that checks no certificate (the proxy's is self-signed), made
+    once: ``ssl.create_default_context()`` loads the system CA bundle, about 0.1 s of CPU
+    per call, which hundreds of test clients would pay for nothing."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class RawClient:
     """A minimal frontend speaking the protocol by hand, for byte-exact checks."""
 
@@ -337,11 +402,8 @@ class RawClient:
         answer = self.recv_exact(1)
         if answer != b"S":
             raise AssertionError(f"expected S, got {answer!r}")
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
         assert isinstance(self.sock, socket.socket)
-        self.sock = context.wrap_socket(self.sock)
+        self.sock = unverified_client_context().wrap_socket(self.sock)
 
     def read_message(self) -> tuple[bytes, bytes]:
         tag, length = struct.unpack("!ci", self.recv_exact(5))
@@ -391,3 +453,223 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# --- One helper each: DSNs, the PostgreSQL environment, RSS, waiting, JWKS servers ----------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def format_dsn(**params: str) -> str:
+    """A libpq keyword/value connection string (values here never need quoting)."""
+    return " ".join(f"{name}={value}" for name, value in params.items())
+
+
+def proxy_dsn(proxy: ProxyProcess | int, user: str, token: str | None, **extra: str) -> str:
+    """libpq parameters for a client of ``proxy`` (or a port) with ``token`` as password
+    (None: no password here, e.g. for psql, which reads it from PGPASSWORD instead of its
+    command line), TLS required; ``extra`` adds or overrides parameters."""
+    port = proxy if isinstance(proxy, int) else proxy.port
+    params = {"host": "127.0.0.1", "port": str(port), "user": user}
+    if token is not None:
+        params["password"] = token
+    params |= {"dbname": "postgres", "sslmode": "require"}
+    return format_dsn(**{**params, **extra})
+
+
+def postgres_env(*, start: bool = False) -> dict[str, str]:
+    """The test PostgreSQL's ``PGPROXY_TEST_*`` variables: from the environment (test.sh
+    exports them), else from ``start-postgres.sh env``, after ``start-postgres.sh start``
+    when ``start`` (it is idempotent)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("PGPROXY_TEST_")}
+    if "PGPROXY_TEST_PGPORT" in env and "PGPROXY_TEST_PGDATA" in env:
+        return env
+    script = str(REPO / "start-postgres.sh")
+    if start:
+        subprocess.run([script, "start"], check=True, timeout=300)
+    out = subprocess.run(
+        [script, "env"], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    return read_env_file(out)
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of process ``pid`` in KiB from /proc: ``VmRSS`` (resident now) or
+    ``VmHWM`` (peak resident)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds have passed; return its
+    last truth value. For conditions with no event to wait on (another process's state)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+Response = tuple[int, dict[str, str], bytes]
+
+
+class JwksServer:
+    """A local HTTP server (127.0.0.1, free port) for JWKS, OIDC discovery and traps: serves
+    ``routes`` (a response, or a callable returning one, per path; others get 404), counts
+    requests per path, and can answer after ``delay`` seconds."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Response | Callable[[], Response]] = {}
+        self.counts: Counter[str] = Counter()
+        self.delay = 0.0
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with server._lock:
+                    server.counts[self.path] += 1
+                    route = server.routes.get(self.path)
+                if server.delay:
+                    time.sleep(server.delay)
+                if route is None:
+                    route = (404, {}, b"not found")
+                status, headers, body = route() if callable(route) else route
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if "Content-Length" not in headers and not headers.get("X-No-Length"):
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = int(self.httpd.server_address[1])
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    @property
+    def requests(self) -> int:
+        """How many requests arrived, on any path."""
+        with self._lock:
+            return sum(self.counts.values())
+
+    def json(self, path: str, document: object | Callable[[], object]) -> None:
+        """Serve ``document`` (or what the callable returns at request time) as JSON."""
+
+        def respond() -> Response:
+            current = document() if callable(document) else document
+            body = json.dumps(current).encode()
+            return 200, {"Content-Type": "application/json"}, body
+
+        self.routes[path] = respond
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> JwksServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def cluster_lock(directory: Path, *, exclusive: bool, timeout: float = 300) -> Iterator[None]:
+    """A readers-writer lock over the shared test cluster, across processes (pytest-xdist
+    workers): shared for a test that uses PostgreSQL, exclusive for one that restarts it.
+    A writer takes the turnstile first, so readers arriving after it wait and it is not
+    starved; every wait is bounded by ``timeout``."""
+
+    def take(file: IO[bytes], operation: int) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(file, operation | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{file.name} not locked within {timeout:g}s") from None
+                time.sleep(0.02)
+
+    with (
+        open(directory / "tests-turnstile.lock", "ab") as turnstile,
+        open(directory / "tests-cluster.lock", "ab") as lock,
+    ):
+        take(turnstile, fcntl.LOCK_EX)
+        try:
+            take(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+def wait_backend_sleeping(pg: Postgres, condition: str, *params: object) -> None:
+    """Until a backend matching ``condition`` (SQL on pg_stat_activity, with ``params``) is
+    in pg_sleep: the moment to cancel a query, or to act on a busy session (bounded)."""
+    import psycopg  # the harness itself needs no client library
+
+    with psycopg.connect(pg.superuser_dsn(), autocommit=True) as admin:
+
+        def sleeping() -> bool:
+            query = f"select 1 from pg_stat_activity where wait_event = 'PgSleep' and {condition}"
+            return admin.execute(query, params).fetchone() is not None  # type: ignore[arg-type]
+
+        assert wait_for(sleeping, timeout=10), f"no backend in pg_sleep where {condition}"
+
+
+def wait_sessions_ended(proxy: ProxyProcess, timeout: float = 10) -> None:
+    """Until every connection the proxy received has ended (its text log has as many
+    ``connection closed`` lines as ``connection received`` ones): after that, none of them
+    can still reach upstream, so "nothing reached upstream" can be asserted (bounded)."""
+
+    def ended() -> bool:
+        log = proxy.log()
+        return log.count(": connection received: ") == log.count(": connection closed: ")
+
+    assert wait_for(ended, timeout=timeout), "sessions still open:\n" + proxy.log()[-3000:]
+
+
+def http_get(port: int, path: str = "/metrics") -> tuple[int, str]:
+    """GET http://127.0.0.1:``port````path`` (the admin listener): status and body."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
+        if not match or match.group(1) != name:
+            continue
+        have = ",".join(sorted((match.group(2) or "").split(","))) if match.group(2) else ""
+        if have == wanted:
+            return float(match.group(3))
+    return 0.0

@@ -29,7 +29,16 @@ import jwt
 import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from harness import KeyPair, Postgres, ProxyProcess, RawClient, RecordingUpstream, mint
+from harness import (
+    KeyPair,
+    Postgres,
+    ProxyProcess,
+    RawClient,
+    RecordingUpstream,
+    mint,
+    proxy_dsn,
+    wait_sessions_ended,
+)
 
 from jwtpgproxy.protocol import wire
 
@@ -133,7 +142,7 @@ def _assert_good_token_still_works(
     proxy: ProxyProcess, recorder: RecordingUpstream, token: str
 ) -> None:
     assert proxy.alive
-    time.sleep(0.2)
+    wait_sessions_ended(proxy)
     assert recorder.accepted == 0
     client = RawClient(proxy.port)
     client.login(USER, token)
@@ -269,6 +278,10 @@ def test_ssl_request_injection(
     else:
         sock.sendall(wire.ssl_request())
         sock.sendall(injected)
+        # The attacker has nothing more to send. Arriving after 'S', a few bytes are only
+        # the start of a TLS record, which the handshake would wait on until the login
+        # deadline; the end of the stream makes it fail now.
+        sock.shutdown(socket.SHUT_WR)
     data, closed = _read_all(sock)
     sock.close()
     assert closed
@@ -280,7 +293,7 @@ def test_ssl_request_injection(
         assert data[:1] == b"E"
     assert "injected_user" not in proxy_to_recorder.log()
     assert proxy_to_recorder.alive
-    time.sleep(0.1)
+    wait_sessions_ended(proxy_to_recorder)
     assert recording_upstream.accepted == 0
 
 
@@ -352,7 +365,7 @@ def test_password_claims_more_then_eof(
     client = _after_startup(proxy_to_recorder)
     client.send(b"p" + struct.pack("!i", 1000) + b"eyJhbGciOi")
     client.sock.close()
-    time.sleep(0.3)
+    wait_sessions_ended(proxy_to_recorder)
     assert proxy_to_recorder.alive
     assert recording_upstream.accepted == 0
 
@@ -375,7 +388,7 @@ def test_password_claims_less(
     client.send(b"p" + struct.pack("!i", 4 + 20) + token + b"\0")
     error = client.read_until_end().error()
     assert error is not None and error["C"] == "08P01"
-    time.sleep(0.2)
+    wait_sessions_ended(proxy_to_recorder)
     assert recording_upstream.accepted == 0
 
 
@@ -466,7 +479,7 @@ def _direct_outcome(pg: Postgres, **params: str) -> str:
 
 
 def _proxied_outcome(proxy: ProxyProcess, token: str, **params: str) -> str:
-    dsn = f"host=127.0.0.1 port={proxy.port} user={USER} dbname=postgres sslmode=require"
+    dsn = proxy_dsn(proxy, USER, None)
     try:
         with psycopg.connect(dsn, password=token, connect_timeout=10, **params) as conn:  # type: ignore[arg-type]
             row = conn.execute("select current_user, session_user").fetchone()
@@ -554,7 +567,7 @@ def test_overlong_user_cannot_become_its_63_byte_prefix(
     user name to NAMEDATALEN-1 bytes. Either the proxy refuses names PostgreSQL would
     truncate, or the session's role equals the token's sub."""
     sub = long_role + "_x"
-    dsn = f"host=127.0.0.1 port={proxy.port} user={sub} dbname=postgres sslmode=require"
+    dsn = proxy_dsn(proxy, sub, None)
     try:
         with psycopg.connect(dsn, password=token_for(sub), connect_timeout=10) as conn:
             row = conn.execute("select current_user").fetchone()

@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -16,22 +17,9 @@ import asyncpg
 import psycopg
 import psycopg2
 import pytest
-from harness import Postgres, ProxyProcess, RawClient
+from harness import Postgres, ProxyProcess, RawClient, proxy_dsn, rss_kib, wait_for
 
 from jwtpgproxy.protocol import wire
-
-
-def proxy_dsn(proxy: ProxyProcess, user: str, token: str, **extra: str) -> str:
-    params = {
-        "host": "127.0.0.1",
-        "port": str(proxy.port),
-        "user": user,
-        "password": token,
-        "dbname": "postgres",
-        "sslmode": "require",
-        **extra,
-    }
-    return " ".join(f"{k}={v}" for k, v in params.items())
 
 
 def psql_binary(pg: Postgres) -> str:
@@ -49,7 +37,7 @@ def test_psql_connects_and_queries(
     result = subprocess.run(
         [
             psql_binary(pg),
-            f"host=127.0.0.1 port={proxy.port} user=scram_user dbname=postgres sslmode=require",
+            proxy_dsn(proxy, "scram_user", None),
             "-Atc",
             "select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()",
         ],
@@ -217,6 +205,7 @@ def test_random_cancel_key_does_nothing(proxy: ProxyProcess, token_for: Callable
     assert "cancel request ignored" in proxy.log()
 
 
+@pytest.mark.xdist_group("many_upstream_sessions")  # see conftest.py
 def test_200_concurrent_clients(proxy: ProxyProcess, token_for: Callable[..., str]) -> None:
     token = token_for("scram_user")
 
@@ -282,27 +271,34 @@ def test_copy_from_stdin(proxy: ProxyProcess, token_for: Callable[..., str]) -> 
         assert row == (200_000, sum(range(200_000)))
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_backpressure_slow_reader_does_not_grow_proxy_memory(
-    proxy: ProxyProcess, token_for: Callable[..., str]
+    proxy: ProxyProcess, pg: Postgres, token_for: Callable[..., str]
 ) -> None:
     """A client that stops reading during a 300 MB result: the proxy must stop reading
-    upstream (pause_reading) instead of buffering the result in memory."""
+    upstream (pause_reading) instead of buffering the result in memory. The moment to look
+    is when the backend itself waits to write (wait_event ClientWrite): from then on the
+    proxy reads nothing more, so what it holds is all it will hold; a proxy that kept
+    reading would never leave the backend waiting and would grow instead."""
     assert proxy.process is not None
     client = RawClient(proxy.port)
-    assert client.login("scram_user", token_for("scram_user")).tags[-1] == b"Z"
+    login = client.login("scram_user", token_for("scram_user"))
+    assert login.tags[-1] == b"Z"
+    backend_pid = next(
+        struct.unpack("!i", body[:4])[0] for tag, body in login.messages if tag == b"K"
+    )
     query = "COPY (SELECT repeat('x', 1000) FROM generate_series(1, 300000)) TO STDOUT"
+    before = rss_kib(proxy.process.pid)
     client.send(wire.typed_message(b"Q", query.encode() + b"\0"))
-    before = _rss_kib(proxy.process.pid)
-    time.sleep(3)  # upstream could produce the whole 300 MB in this time
-    grown = _rss_kib(proxy.process.pid) - before
+    with psycopg.connect(pg.superuser_dsn(), autocommit=True) as admin:
+
+        def backend_blocked_on_write() -> bool:
+            row = admin.execute(
+                "select wait_event from pg_stat_activity where pid = %s", (backend_pid,)
+            ).fetchone()
+            return row is not None and row[0] == "ClientWrite"
+
+        assert wait_for(backend_blocked_on_write, timeout=30), "upstream never had to wait"
+    grown = rss_kib(proxy.process.pid) - before
     assert grown < 32 * 1024, f"proxy RSS grew by {grown} KiB while the client was not reading"
     # Now read it all: nothing was lost while paused.
     total = 0

@@ -17,13 +17,20 @@ import socket
 import ssl
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import Postgres, ProxyProcess, RawClient, free_port
-from test_operations import http_get, metric
+from harness import (
+    Postgres,
+    ProxyProcess,
+    RawClient,
+    free_port,
+    http_get,
+    metric,
+    unverified_client_context,
+    wait_for,
+)
 
 from jwtpgproxy.protocol import wire
 
@@ -62,10 +69,7 @@ class MemoryBioClient:
         self._plain = b""
         self.sock.sendall(wire.ssl_request())
         assert self.sock.recv(1) == b"S"
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        self._tls = context.wrap_bio(self._incoming, self._outgoing)
+        self._tls = unverified_client_context().wrap_bio(self._incoming, self._outgoing)
         while True:
             try:
                 self._tls.do_handshake()
@@ -235,9 +239,7 @@ def test_a_client_that_stops_reading_is_reported_as_stalled(
     assert client.login("scram_user", token_for("scram_user")).tags[-1] == b"Z"
     query = b"COPY (SELECT repeat('x', 1000) FROM generate_series(1, 20000)) TO STDOUT\0"
     client.send(wire.typed_message(b"Q", query))
-    deadline = time.monotonic() + 15
-    while "splice stalled" not in proxy.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    assert wait_for(lambda: "splice stalled" in proxy.log(), timeout=15)
     assert "splice stalled: direction=to_client" in proxy.log()
     _, text = http_get(metrics_port, "/metrics")
     assert metric(text, "jwtpgproxy_splice_stalled", direction="to_client") == 1
@@ -248,9 +250,7 @@ def test_a_client_that_stops_reading_is_reported_as_stalled(
     while (message := client.read_message())[0] != b"Z":
         total += len(message[1]) if message[0] == b"d" else 0
     assert total == 20000 * 1001
-    deadline = time.monotonic() + 15
-    while "splice moving again" not in proxy.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    assert wait_for(lambda: "splice moving again" in proxy.log(), timeout=15)
     assert "splice moving again: direction=to_client" in proxy.log()
     _, text = http_get(metrics_port, "/metrics")
     assert metric(text, "jwtpgproxy_splice_stalled", direction="to_client") == 0
@@ -313,15 +313,11 @@ def test_sessions_leave_no_reference_cycles(
         assert client.read_message()[0] == b"R"
         client.close()
         sessions += 3
-    deadline = time.monotonic() + 20
-    while proxy.log().count("connection closed:") < sessions and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: proxy.log().count("connection closed:") >= sessions, timeout=20)
     assert proxy.log().count("connection closed:") == sessions
     assert proxy.process is not None
     proxy.process.send_signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while not report.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert wait_for(report.exists), "no garbage report within 10 s"
     assert report.read_text() == "{}", report.read_text()
 
 

@@ -24,8 +24,10 @@ from harness import (
     RecordingUpstream,
     TcpForwarder,
     free_port,
+    proxy_dsn,
+    wait_for,
+    wait_sessions_ended,
 )
-from test_clients import proxy_dsn
 
 from jwtpgproxy.protocol import wire
 
@@ -90,7 +92,7 @@ def test_bad_tokens_get_uniform_28P01_and_nothing_upstream(
         assert client.is_closed(), case
         client.close()
     assert proxy_to_recorder.alive
-    time.sleep(0.3)
+    wait_sessions_ended(proxy_to_recorder)
     assert recording_upstream.accepted == 0
     log = proxy_to_recorder.log()
     for reason in ("signature", "expired", "not_yet_valid", "subject_mismatch", "claims"):
@@ -411,7 +413,7 @@ def test_sigterm_drains_open_session_then_exits_zero(
     conn.execute("create temp table drained (x int)")
     assert proxy.process is not None
     proxy.process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    assert wait_for(lambda: "draining" in proxy.log()), proxy.log()
     # Not accepting any more...
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user")), connect_timeout=2)

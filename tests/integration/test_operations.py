@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
+import select
 import shutil
 import signal
 import socket
 import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,35 +17,30 @@ import psycopg
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from harness import Postgres, ProxyProcess, RawClient, free_port, write_self_signed
-from test_clients import proxy_dsn
+from harness import (
+    Postgres,
+    ProxyProcess,
+    RawClient,
+    free_port,
+    http_get,
+    metric,
+    proxy_dsn,
+    wait_backend_sleeping,
+    wait_for,
+    wait_sessions_ended,
+    write_self_signed,
+)
 from test_failures import bad_tokens
 
 from jwtpgproxy.protocol import wire
 from jwtpgproxy.proxy.connection import Keepalive, configure_socket
 
 
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
-        if not match or match.group(1) != name:
-            continue
-        have = ",".join(sorted((match.group(2) or "").split(","))) if match.group(2) else ""
-        if have == wanted:
-            return float(match.group(3))
-    return 0.0
+def _read_to_end(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
 
 
 # --- Limits and deadlines -------------------------------------------------------------------
@@ -73,8 +66,9 @@ def test_connection_limit_gives_53300_while_existing_sessions_work(
     finally:
         for conn in held:
             conn.close()
-    time.sleep(0.3)
-    with psycopg.connect(dsn) as conn:  # and once they leave, a new client gets in
+    # Once they leave (the proxy has logged their ends), a new client gets in.
+    assert wait_for(lambda: proxy.log().count(": connection closed: ") >= 3 + 20), proxy.log()
+    with psycopg.connect(dsn) as conn:
         assert conn.execute("select 2").fetchone() == (2,)
 
 
@@ -106,11 +100,15 @@ def test_pending_login_cap_closes_new_connections_until_deadline(
 ) -> None:
     proxy = start_proxy(MAX_PENDING_LOGINS="5", AUTHENTICATION_TIMEOUT="2")
     stalled = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(5)]
-    time.sleep(0.3)
+    assert wait_for(lambda: proxy.log().count(": connection received: ") >= 5), proxy.log()
     extra = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
     assert extra.recv(1) == b""  # closed at once: the pending-login slots are full
     extra.close()
-    time.sleep(2.5)  # the deadline frees the stalled slots
+    for sock in stalled:  # the deadline ends the stalled logins...
+        sock.settimeout(10)
+        _read_to_end(sock)  # closed by the proxy (a TimeoutError here fails the test)
+    # ...and frees their slots once each session is over (its end line is logged).
+    assert wait_for(lambda: proxy.log().count(": connection closed: ") >= 5), proxy.log()
     with psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user"))) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
     for sock in stalled:
@@ -124,9 +122,11 @@ def test_idle_session_timeout_ends_idle_sessions_with_57p05(
     proxy = start_proxy(IDLE_SESSION_TIMEOUT="1")
     dsn = proxy_dsn(proxy, "scram_user", token_for("scram_user"))
     with psycopg.connect(dsn, autocommit=True) as conn:
-        # Busy for longer than the timeout is not idle: a 2 s query completes.
-        assert conn.execute("select pg_sleep(2), 1").fetchone() == ("", 1)
-        time.sleep(2)
+        # Busy for longer than the timeout is not idle: a 1.5 s query completes.
+        assert conn.execute("select pg_sleep(1.5), 1").fetchone() == ("", 1)
+        # Idle: the FATAL arrives on its own, about 1 s later.
+        readable, _, _ = select.select([conn.fileno()], [], [], 10)
+        assert readable, "no idle-session timeout within 10 s"
         with pytest.raises(psycopg.OperationalError, match="idle-session timeout"):
             conn.execute("select 1")
 
@@ -178,7 +178,7 @@ def test_second_sigint_exits_at_once(
     conn = psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user")))
     assert proxy.process is not None
     proxy.process.send_signal(signal.SIGINT)
-    time.sleep(0.5)
+    assert wait_for(lambda: "draining" in proxy.log()), proxy.log()
     assert proxy.alive  # draining, waiting for the open session
     started = time.monotonic()
     proxy.process.send_signal(signal.SIGINT)
@@ -241,6 +241,7 @@ def test_sighup_reloads_certificate_and_keeps_sessions(
 
 def test_metrics_after_known_mix_of_logins(
     start_proxy: Callable[..., ProxyProcess],
+    pg: Postgres,
     keys: dict[str, object],
     token_for: Callable[..., str],
 ) -> None:
@@ -253,14 +254,17 @@ def test_metrics_after_known_mix_of_logins(
     for token in (token_for("scram_user", ttl=-100), token_for("scram_user", key="other")):
         RawClient(proxy.port).login("scram_user", token)
     with psycopg.connect(dsn) as conn:
-        timer = threading.Timer(0.5, conn.cancel)
-        timer.start()
+        pid = conn.info.backend_pid
+        canceller = threading.Thread(
+            target=lambda: (wait_backend_sleeping(pg, "pid = %s", pid), conn.cancel())
+        )
+        canceller.start()
         with pytest.raises(psycopg.errors.QueryCanceled):
             conn.execute("select pg_sleep(10)")
-        timer.join()
+        canceller.join()
     plain = RawClient(proxy.port)  # refused: no TLS
     plain.login("scram_user", token_for("scram_user"), tls=False)
-    time.sleep(0.5)
+    wait_sessions_ended(proxy)  # every session counted
 
     status, text = http_get(metrics_port, "/metrics")
     assert status == 200
@@ -293,7 +297,7 @@ def test_healthz_and_readyz(
     conn = psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user")))
     assert proxy.process is not None
     proxy.process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    assert wait_for(lambda: http_get(metrics_port, "/readyz")[0] == 503)
     status, body = http_get(metrics_port, "/readyz")
     assert (status, body) == (503, "shutting down\n")
     assert http_get(metrics_port, "/healthz")[0] == 200
@@ -440,7 +444,6 @@ def test_failed_logins_are_throttled_per_source(
     assert not _closed_at_once(other, within=0.5)
     other.close()
     assert "source throttled: too many failed logins: source=127.0.0.1" in proxy.log()
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    assert 'jwtpgproxy_client_connections_refused_total{limit="login_throttle"} 1.0' in text
-    assert "jwtpgproxy_login_throttled_sources_total 1.0" in text
+    _, text = http_get(metrics_port)
+    assert metric(text, "jwtpgproxy_client_connections_refused_total", limit="login_throttle") == 1
+    assert metric(text, "jwtpgproxy_login_throttled_sources_total") == 1

@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -21,29 +20,45 @@ import psycopg
 import psycopg2
 import psycopg2.extensions
 import pytest
-from harness import Postgres, ProxyProcess, RawClient
-from test_clients import proxy_dsn, psql_binary
+from harness import (
+    Postgres,
+    ProxyProcess,
+    RawClient,
+    proxy_dsn,
+    unverified_client_context,
+    wait_backend_sleeping,
+)
+from test_clients import psql_binary
 
 from jwtpgproxy.protocol import wire
 
 # --- Cancel -----------------------------------------------------------------------------
 
 
-def _assert_cancels(run_query: Callable[[], None], cancel: Callable[[], None]) -> None:
-    """``run_query`` runs pg_sleep(30); ``cancel`` fires after 0.5 s from a thread; the query
-    must end with SQLSTATE 57014 within a few seconds."""
-    timer = threading.Timer(0.5, cancel)
+def _assert_cancels(
+    run_query: Callable[[], None], cancel: Callable[[], None], pg: Postgres, backend_pid: int
+) -> None:
+    """``run_query`` runs pg_sleep(30); ``cancel`` fires from a thread once the backend is
+    in the sleep; the query must end with SQLSTATE 57014 within a few seconds."""
+
+    def cancel_when_sleeping() -> None:
+        wait_backend_sleeping(pg, "pid = %s", backend_pid)
+        cancel()
+
+    canceller = threading.Thread(target=cancel_when_sleeping)
     started = time.monotonic()
-    timer.start()
+    canceller.start()
     try:
         run_query()
     finally:
-        timer.join()
+        canceller.join()
     assert time.monotonic() - started < 5
 
 
 @pytest.mark.parametrize("method", ["cancel", "cancel_safe"])
-def test_psycopg3_cancel(proxy: ProxyProcess, token_for: Callable[..., str], method: str) -> None:
+def test_psycopg3_cancel(
+    proxy: ProxyProcess, pg: Postgres, token_for: Callable[..., str], method: str
+) -> None:
     """cancel() is libpq's PQcancel (plaintext); cancel_safe() is libpq 17's encrypted
     cancel API, which sends the CancelRequest over TLS like the session itself."""
     with psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user"))) as conn:
@@ -53,7 +68,7 @@ def test_psycopg3_cancel(proxy: ProxyProcess, token_for: Callable[..., str], met
             with pytest.raises(psycopg.errors.QueryCanceled):
                 conn.execute("select pg_sleep(30)")
 
-        _assert_cancels(query, getattr(conn, method))
+        _assert_cancels(query, getattr(conn, method), pg, pid)
         # The session is usable afterwards (psycopg had opened a transaction).
         conn.rollback()
         assert conn.execute("select 1").fetchone() == (1,)
@@ -62,7 +77,7 @@ def test_psycopg3_cancel(proxy: ProxyProcess, token_for: Callable[..., str], met
     assert expected_tls in line
 
 
-def test_psycopg2_cancel(proxy: ProxyProcess, token_for: Callable[..., str]) -> None:
+def test_psycopg2_cancel(proxy: ProxyProcess, pg: Postgres, token_for: Callable[..., str]) -> None:
     conn = psycopg2.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user")))
     try:
         with conn.cursor() as cur:
@@ -71,7 +86,7 @@ def test_psycopg2_cancel(proxy: ProxyProcess, token_for: Callable[..., str]) -> 
                 with pytest.raises(psycopg2.errors.QueryCanceled):
                     cur.execute("select pg_sleep(30)")
 
-            _assert_cancels(query, conn.cancel)
+            _assert_cancels(query, conn.cancel, pg, conn.get_backend_pid())
     finally:
         conn.close()
 
@@ -82,7 +97,7 @@ def test_psql_ctrl_c_cancels(
     process = subprocess.Popen(
         [
             psql_binary(pg),
-            f"host=127.0.0.1 port={proxy.port} user=scram_user dbname=postgres sslmode=require",
+            proxy_dsn(proxy, "scram_user", None, application_name="psql-ctrl-c"),
             "-c",
             "select pg_sleep(30)",
         ],
@@ -92,7 +107,7 @@ def test_psql_ctrl_c_cancels(
         text=True,
     )
     try:
-        time.sleep(1.5)
+        wait_backend_sleeping(pg, "application_name = 'psql-ctrl-c'")
         started = time.monotonic()
         process.send_signal(signal.SIGINT)  # what Ctrl-C does: psql sends a CancelRequest
         _, stderr = process.communicate(timeout=10)
@@ -129,6 +144,7 @@ def test_asyncpg_timeout_cancels_server_side(
     asyncio.run(main())
 
 
+@pytest.mark.xdist_group("many_upstream_sessions")  # see conftest.py
 def test_100_concurrent_cancels_hit_only_their_own_sessions(
     proxy: ProxyProcess, pg: Postgres, token_for: Callable[..., str]
 ) -> None:
@@ -152,7 +168,10 @@ def test_100_concurrent_cancels_hit_only_their_own_sessions(
             pids = [c.get_server_pid() for c in conns]
             assert len(set(pids)) == 100
             tasks = [asyncio.create_task(c.fetchval("select pg_sleep(60)")) for c in conns]
-            await asyncio.sleep(1.5)
+            # Every backend in its sleep (bounded), then cancel half of them.
+            await asyncio.to_thread(
+                wait_backend_sleeping, pg, "pid = any(%s) having count(*) = %s", pids, len(pids)
+            )
             cancelled = set(pids[::2])
             for conn, task in zip(conns, tasks, strict=True):
                 if conn.get_server_pid() in cancelled:
@@ -243,7 +262,9 @@ def test_notify_carries_own_pid_and_reaches_other_sessions(
 # --- Direct TLS ------------------------------------------------------------------------------
 
 
-def test_direct_tls_with_psycopg3(proxy: ProxyProcess, token_for: Callable[..., str]) -> None:
+def test_direct_tls_with_psycopg3(
+    proxy: ProxyProcess, pg: Postgres, token_for: Callable[..., str]
+) -> None:
     """libpq 17+ sslnegotiation=direct: a TLS ClientHello first, no SSLRequest."""
     dsn = proxy_dsn(proxy, "scram_user", token_for("scram_user"), sslnegotiation="direct")
     with psycopg.connect(dsn) as conn:
@@ -254,15 +275,13 @@ def test_direct_tls_with_psycopg3(proxy: ProxyProcess, token_for: Callable[..., 
             with pytest.raises(psycopg.errors.QueryCanceled):
                 conn.execute("select pg_sleep(30)")
 
-        _assert_cancels(query, conn.cancel_safe)  # the CancelRequest also uses direct TLS
+        # The CancelRequest also uses direct TLS.
+        _assert_cancels(query, conn.cancel_safe, pg, conn.info.backend_pid)
 
 
 def test_direct_tls_without_alpn_refused(proxy: ProxyProcess) -> None:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # no ALPN offered
     raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    with context.wrap_socket(raw) as tls:
+    with unverified_client_context().wrap_socket(raw) as tls:  # no ALPN offered
         data = b""
         while chunk := tls.recv(4096):
             data += chunk
@@ -287,7 +306,9 @@ def test_direct_tls_refused_when_tls_disabled(
 # --- Protocol version negotiation ---------------------------------------------------------
 
 
-def test_protocol_32_with_psycopg3(proxy: ProxyProcess, token_for: Callable[..., str]) -> None:
+def test_protocol_32_with_psycopg3(
+    proxy: ProxyProcess, pg: Postgres, token_for: Callable[..., str]
+) -> None:
     """The client speaks 3.2 with the proxy; upstream (PostgreSQL 15) negotiates 3.0 with the
     proxy; the session works, and cancel works with the 3.2-length key."""
     dsn = proxy_dsn(proxy, "scram_user", token_for("scram_user"), max_protocol_version="3.2")
@@ -300,7 +321,7 @@ def test_protocol_32_with_psycopg3(proxy: ProxyProcess, token_for: Callable[...,
             with pytest.raises(psycopg.errors.QueryCanceled):
                 conn.execute("select pg_sleep(30)")
 
-        _assert_cancels(query, conn.cancel_safe)
+        _assert_cancels(query, conn.cancel_safe, pg, conn.info.backend_pid)
 
 
 def test_pq_options_answered_with_negotiate_protocol_version(

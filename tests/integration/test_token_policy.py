@@ -8,13 +8,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -25,8 +23,16 @@ import jwt
 import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from harness import KeyPair, ProxyProcess, RawClient, free_port, mint
-from test_clients import proxy_dsn
+from harness import (
+    JwksServer,
+    KeyPair,
+    ProxyProcess,
+    RawClient,
+    free_port,
+    mint,
+    proxy_dsn,
+    wait_for,
+)
 
 USER = "scram_user"
 
@@ -39,10 +45,7 @@ def refused(proxy: ProxyProcess, token: str, reason: str, **params: str) -> None
         "28P01",
         f'password authentication failed for user "{USER}"',
     )
-    deadline = time.monotonic() + 3
-    while f"token rejected: {reason}" not in proxy.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert f"token rejected: {reason}" in proxy.log()
+    assert wait_for(lambda: f"token rejected: {reason}" in proxy.log(), timeout=3), proxy.log()
 
 
 def accepted(proxy: ProxyProcess, token: str, **params: str) -> str:
@@ -55,38 +58,17 @@ def accepted(proxy: ProxyProcess, token: str, **params: str) -> str:
 # --- A JWKS / OIDC issuer on 127.0.0.1 --------------------------------------------------
 
 
-class Issuer:
-    """Serves OIDC discovery and a JWKS document (replaceable) and counts requests."""
+class Issuer(JwksServer):
+    """Serves OIDC discovery and a JWKS document (replaceable), counting requests."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.jwks: dict[str, Any] = {"keys": []}
-        self.requests: list[str] = []
-        issuer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                issuer.requests.append(self.path)
-                if self.path == "/.well-known/openid-configuration":
-                    body = json.dumps({"issuer": issuer.url, "jwks_uri": issuer.url + "/jwks"})
-                elif self.path == "/jwks":
-                    body = json.dumps(issuer.jwks)
-                else:
-                    self.send_error(404)
-                    return
-                data = body.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.json(
+            "/.well-known/openid-configuration",
+            {"issuer": self.base_url, "jwks_uri": self.url("/jwks")},
+        )
+        self.json("/jwks", lambda: self.jwks)
 
     def publish(self, *pairs: tuple[str, Any]) -> None:
         keys = []
@@ -95,10 +77,6 @@ class Issuer:
             jwk.update({"kid": kid, "use": "sig", "alg": "RS256"})
             keys.append(jwk)
         self.jwks = {"keys": keys}
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -126,19 +104,19 @@ def test_oidc_style_with_discovery_kid_iss_aud(
         PUBLIC_KEYS__0=None,
         PUBLIC_KEYS__1=None,
         PUBLIC_KEYS__7=None,
-        JWKS__OIDC_ISSUER=issuer.url,
+        JWKS__OIDC_ISSUER=issuer.base_url,
         JWKS__MIN_REFETCH_SECONDS="60",
         TOKEN__AUDIENCE="pgproxy",
     )
-    assert accepted(proxy, oidc_token(key_a, "key-a", issuer.url)) == USER
+    assert accepted(proxy, oidc_token(key_a, "key-a", issuer.base_url)) == USER
     # Failing twins: wrong iss, wrong aud, unknown kid.
     refused(proxy, oidc_token(key_a, "key-a", "https://evil.example"), "issuer")
-    refused(proxy, oidc_token(key_a, "key-a", issuer.url, aud="other-service"), "audience")
-    jwks_fetches = issuer.requests.count("/jwks")
+    refused(proxy, oidc_token(key_a, "key-a", issuer.base_url, aud="other-service"), "audience")
+    jwks_fetches = issuer.counts["/jwks"]
     stranger = rsa.generate_private_key(65537, 2048)
     for _ in range(5):  # a storm of unknown kids causes at most one refetch
-        refused(proxy, oidc_token(stranger, "who-knows", issuer.url), "unknown_kid")
-    assert issuer.requests.count("/jwks") - jwks_fetches <= 1
+        refused(proxy, oidc_token(stranger, "who-knows", issuer.base_url), "unknown_kid")
+    assert issuer.counts["/jwks"] - jwks_fetches <= 1
 
 
 def test_key_rotation_by_sighup_with_session_open(
@@ -150,22 +128,19 @@ def test_key_rotation_by_sighup_with_session_open(
         PUBLIC_KEYS__0=None,
         PUBLIC_KEYS__1=None,
         PUBLIC_KEYS__7=None,
-        JWKS__URL=issuer.url + "/jwks",
+        JWKS__URL=issuer.url("/jwks"),
         JWKS__MIN_REFETCH_SECONDS="3600",  # only SIGHUP may bring the new keys
-        TOKEN__ISSUER=issuer.url,
+        TOKEN__ISSUER=issuer.base_url,
         TOKEN__AUDIENCE="pgproxy",
     )
-    session = psycopg.connect(proxy_dsn(proxy, USER, oidc_token(old, "old", issuer.url)))
+    session = psycopg.connect(proxy_dsn(proxy, USER, oidc_token(old, "old", issuer.base_url)))
     try:
         issuer.publish(("new", new))  # the issuer rotates: the old key is gone
         assert proxy.process is not None
         proxy.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
-        while "reloaded" not in proxy.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "reloaded" in proxy.log()
-        assert accepted(proxy, oidc_token(new, "new", issuer.url)) == USER
-        refused(proxy, oidc_token(old, "old", issuer.url), "unknown_kid")
+        assert wait_for(lambda: "reloaded" in proxy.log(), timeout=5), proxy.log()
+        assert accepted(proxy, oidc_token(new, "new", issuer.base_url)) == USER
+        refused(proxy, oidc_token(old, "old", issuer.base_url), "unknown_kid")
         # The session opened before the rotation is untouched.
         assert session.execute("select 1").fetchone() == (1,)
     finally:
@@ -247,8 +222,9 @@ def test_aistore_style_hmac_and_revocation_file(
         "signature",
     )
     # The file changes: the next login with that token is refused, without a restart.
+    reloads = proxy.log().count("revocation list reloaded")
     revoked.write_text("jti already-revoked\njti fine\n")
-    time.sleep(1)
+    assert wait_for(lambda: proxy.log().count("revocation list reloaded") > reloads)
     refused(proxy, _hs_token(jti="fine"), "revoked")
     # Key confusion: an HS256 token "signed" with the configured RSA public key's PEM as
     # the HMAC secret never verifies -- public keys are never HMAC secrets.
@@ -283,7 +259,7 @@ def test_revocation_ends_live_session_with_readable_fatal(
     cut = psycopg.connect(proxy_dsn(proxy, USER, _hs_token(jti="cut")))
     try:
         revoked.write_text("jti cut\n")
-        time.sleep(1.2)
+        assert wait_for(lambda: "session ended by policy: reason=revoked" in proxy.log())
         with pytest.raises(psycopg.errors.AdminShutdown, match="token was revoked"):
             cut.execute("select 1")
         assert keep.execute("select 1").fetchone() == (1,)  # only the revoked one ends
@@ -319,7 +295,8 @@ def test_expiry_ends_live_session_between_messages(
             for chunk in copy:
                 received += len(chunk)
         assert received > 1_000_000  # it was streaming when the token expired
-        time.sleep(1)  # the idle session's token (same 3 s lifetime) has expired too
+        # The idle session's token (same 3 s lifetime) expires too: its end is logged.
+        assert wait_for(lambda: proxy.log().count("session ended by policy: reason=expired") >= 2)
         with pytest.raises(psycopg.errors.AdminShutdown, match="token expired"):
             idle.execute("select 1")
         assert lasting.execute("select 1").fetchone() == (1,)

@@ -7,13 +7,19 @@ import re
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 
 import psycopg
 import pytest
-from harness import ProxyProcess, free_port
-from test_clients import proxy_dsn
+from harness import (
+    Postgres,
+    ProxyProcess,
+    free_port,
+    http_get,
+    proxy_dsn,
+    wait_backend_sleeping,
+    wait_for,
+)
 
 from jwtpgproxy.ops.workers import merge_prometheus
 
@@ -26,39 +32,34 @@ def worker_pids(proxy: ProxyProcess) -> dict[int, int]:
     return found
 
 
-def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
 def start_workers(start_proxy: Callable[..., ProxyProcess], **env: str) -> tuple[ProxyProcess, int]:
     metrics_port = free_port()
     proxy = start_proxy(
         WORKERS="2", DOWNSTREAM__PORT=str(free_port()), METRICS__PORT=str(metrics_port), **env
     )
-    deadline = time.monotonic() + 10
-    while proxy.log().count("]: listening:") < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert wait_for(lambda: proxy.log().count("]: listening:") >= 2), proxy.log()
     assert len(worker_pids(proxy)) == 2
     return proxy, metrics_port
 
 
+def _cancel_when_sleeping(pg: Postgres, conn: psycopg.Connection[object]) -> None:
+    wait_backend_sleeping(pg, "pid = %s", conn.info.backend_pid)
+    conn.cancel()
+
+
 def test_workers_share_the_port_and_cancel_across_workers(
-    start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
+    start_proxy: Callable[..., ProxyProcess], pg: Postgres, token_for: Callable[..., str]
 ) -> None:
     proxy, metrics_port = start_workers(start_proxy)
     dsn = proxy_dsn(proxy, "scram_user", token_for("scram_user"))
     cancelled = 0
     for _ in range(16):
         with psycopg.connect(dsn) as conn:
-            timer = threading.Timer(0.3, conn.cancel)
-            timer.start()
+            canceller = threading.Thread(target=_cancel_when_sleeping, args=(pg, conn))
+            canceller.start()
             with pytest.raises(psycopg.errors.QueryCanceled):
                 conn.execute("select pg_sleep(10)")
-            timer.join()
+            canceller.join()
             cancelled += 1
     log = proxy.log()
     # Both workers served clients...
@@ -67,7 +68,7 @@ def test_workers_share_the_port_and_cancel_across_workers(
     # upstream's key under the secret the supervisor gave both workers (16 cancels all
     # landing on their own session's worker has probability 2**-16).
     assert "route=routed_unverified" in log
-    status, text = scrape(metrics_port)
+    status, text = http_get(metrics_port)
     assert status == 200
     merged = {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
@@ -89,18 +90,13 @@ def test_crashed_worker_is_restarted(
     start_proxy: Callable[..., ProxyProcess], token_for: Callable[..., str]
 ) -> None:
     proxy, metrics_port = start_workers(start_proxy)
-    assert scrape(metrics_port, "/healthz") == (200, "ok\n")
+    assert http_get(metrics_port, "/healthz") == (200, "ok\n")
     victim = worker_pids(proxy)[1]
     os.kill(victim, signal.SIGKILL)  # by PID: the worker we started
-    deadline = time.monotonic() + 10
-    while worker_pids(proxy).get(1) == victim and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert worker_pids(proxy)[1] != victim
+    assert wait_for(lambda: worker_pids(proxy).get(1, victim) != victim), proxy.log()
     assert "worker exited unexpectedly: restarting" in proxy.log()
-    deadline = time.monotonic() + 10
-    while scrape(metrics_port, "/healthz")[0] != 200 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert scrape(metrics_port, "/healthz") == (200, "ok\n")
+    assert wait_for(lambda: http_get(metrics_port, "/healthz")[0] == 200)
+    assert http_get(metrics_port, "/healthz") == (200, "ok\n")
     for _ in range(6):
         with psycopg.connect(proxy_dsn(proxy, "scram_user", token_for("scram_user"))) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
@@ -114,8 +110,7 @@ def test_sigterm_drains_all_workers_and_exits_zero(
     conn.execute("create temp table t (x int)")
     assert proxy.process is not None
     proxy.process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    assert scrape(metrics_port, "/readyz")[0] == 503
+    assert wait_for(lambda: http_get(metrics_port, "/readyz")[0] == 503)
     conn.execute("insert into t values (1)")
     conn.commit()
     conn.close()

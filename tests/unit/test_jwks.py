@@ -14,19 +14,18 @@ import hmac
 import json
 import logging
 import secrets
-import threading
 import time
 import urllib.request
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, x25519
+from harness import JwksServer
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from jwtpgproxy.auth.jwks import (
@@ -353,56 +352,7 @@ def test_source_config_errors(kwargs: dict[str, Any], match: str) -> None:
 
 # --- A local HTTP server ----------------------------------------------------------------------
 
-Response = tuple[int, dict[str, str], bytes]
-
-
-class Server:
-    def __init__(self) -> None:
-        self.routes: dict[str, Response | Callable[[], Response]] = {}
-        self.counts: Counter[str] = Counter()
-        self.delay = 0.0
-        self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                with server._lock:
-                    server.counts[self.path] += 1
-                    route = server.routes.get(self.path)
-                if server.delay:
-                    time.sleep(server.delay)
-                if route is None:
-                    route = (404, {}, b"not found")
-                status, headers, body = route() if callable(route) else route
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                if "Content-Length" not in headers and not headers.get("X-No-Length"):
-                    self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-        )
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def json(self, path: str, document: Any) -> None:
-        body = json.dumps(document).encode()
-        self.routes[path] = (200, {"Content-Type": "application/json"}, body)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+Server = JwksServer
 
 
 @pytest.fixture
@@ -691,18 +641,23 @@ def test_background_refresh(server: Server, keys: Keys) -> None:
     server.json("/jwks", jwks(jwk(keys.ed25519, kid="k1")))
 
     async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor()  # runs every fetch thread of this source
+        loop.set_default_executor(executor)
         source = JwksKeySource(url=server.url("/jwks"), refresh_seconds=0.05)
         await source.start()
         server.json("/jwks", jwks(jwk(keys.ed25519_b, kid="k2")))
-        for _ in range(200):
+        for _ in range(1000):  # at most 10 s, on a loaded machine
             if [k.kid for k in source.keys] == ["k2"]:
                 break
             await asyncio.sleep(0.01)
         assert [k.kid for k in source.keys] == ["k2"]
         await source.close()
-        # A fetch already in its worker thread at close() may still land; after that,
-        # nothing new starts.
-        await asyncio.sleep(0.2)
+        # A fetch already in its worker thread at close() may still land: wait for those
+        # threads to end (a fresh executor takes any later fetch). After that, nothing
+        # new starts within six refresh periods.
+        executor.shutdown(wait=True)
+        loop.set_default_executor(ThreadPoolExecutor())
         count = server.counts["/jwks"]
         await asyncio.sleep(0.3)
         assert server.counts["/jwks"] == count  # closed: no more fetches

@@ -41,6 +41,23 @@ def evaluate(
     return policy.validate().evaluate(payload, user=user, database=database, now=NOW, leeway=leeway)
 
 
+def accept(
+    policy: ClaimPolicy,
+    payload: dict[str, Any],
+    *,
+    user: str = "alice",
+    database: str | None = "app",
+    read_only: bool = False,
+) -> PolicyDecision:
+    """Assert the claims are accepted with the whole expected decision: the role is the
+    startup user, read-only as given, and the session lapses at ``exp`` (without ``exp``:
+    ``iat`` plus the maximum age)."""
+    decision = evaluate(policy, payload, user=user, database=database)
+    expires_at = payload["exp"] if "exp" in payload else payload["iat"] + policy.max_age_seconds
+    assert decision == PolicyDecision(role=user, read_only=read_only, expires_at=expires_at)
+    return decision
+
+
 def refuse(
     policy: ClaimPolicy,
     payload: dict[str, Any],
@@ -79,21 +96,21 @@ def test_ignore_audience() -> None:
 
 
 def test_default_ignores_iss_and_unknown_claims() -> None:
-    evaluate(ClaimPolicy(), claims(iss="anyone", tenant=1, scope=5, dbs={"a": 1}))
+    accept(ClaimPolicy(), claims(iss="anyone", tenant=1, scope=5, dbs={"a": 1}))
 
 
 # --- Time claims --------------------------------------------------------------------------
 
 
 def test_expired_with_leeway() -> None:
-    evaluate(ClaimPolicy(), claims(exp=int(NOW) - 9))
+    accept(ClaimPolicy(), claims(exp=int(NOW) - 9))
     refuse(ClaimPolicy(), claims(exp=int(NOW) - 10), Rejection.EXPIRED)
 
 
 def test_nbf_and_iat_in_future() -> None:
     refuse(ClaimPolicy(), claims(nbf=int(NOW) + 11), Rejection.NOT_YET_VALID)
     refuse(ClaimPolicy(), claims(iat=int(NOW) + 11), Rejection.NOT_YET_VALID)
-    evaluate(ClaimPolicy(), claims(nbf=int(NOW) + 9, iat=int(NOW) + 9))
+    accept(ClaimPolicy(), claims(nbf=int(NOW) + 9, iat=int(NOW) + 9))
 
 
 @pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
@@ -116,7 +133,7 @@ def test_numeric_date() -> None:
 
 def test_issuer() -> None:
     policy = ClaimPolicy(issuer="https://issuer.example")
-    evaluate(policy, claims(iss="https://issuer.example"))
+    accept(policy, claims(iss="https://issuer.example"))
     for iss in [
         "https://issuer.example/",
         "https://ISSUER.example",
@@ -137,7 +154,7 @@ def test_issuer_detail_has_no_token_value() -> None:
 
 @pytest.mark.parametrize("aud", ["db-proxy", ["db-proxy"], ["other", "db-proxy"]])
 def test_audience_accepted(aud: Any) -> None:
-    evaluate(ClaimPolicy(audience="db-proxy"), claims(aud=aud))
+    accept(ClaimPolicy(audience="db-proxy"), claims(aud=aud))
 
 
 @pytest.mark.parametrize(
@@ -173,7 +190,7 @@ def test_role_with_lone_surrogate_never_matches() -> None:
 
 
 def test_jti_must_be_a_string() -> None:
-    evaluate(ClaimPolicy(), claims(jti="abc"))
+    accept(ClaimPolicy(), claims(jti="abc"))
     refuse(ClaimPolicy(), claims(jti=123), Rejection.CLAIMS)
 
 
@@ -182,7 +199,7 @@ def test_jti_must_be_a_string() -> None:
 
 def test_tenant() -> None:
     policy = ClaimPolicy(tenant_claim="tid", tenant="acme")
-    evaluate(policy, claims(tid="acme"))
+    accept(policy, claims(tid="acme"))
     for tid in [None, "ACME", "acme ", ["acme"], 1, {"acme": True}]:
         refuse(policy, claims(tid=tid), Rejection.TENANT)
 
@@ -212,7 +229,7 @@ def test_parse_scopes_refuses(value: Any) -> None:
 
 @pytest.mark.parametrize("scope", ["db:connect", "openid db:connect", ["db:connect", "x"]])
 def test_required_scopes_present(scope: Any) -> None:
-    evaluate(ClaimPolicy(required_scopes=frozenset({"db:connect"})), claims(scope=scope))
+    accept(ClaimPolicy(required_scopes=frozenset({"db:connect"})), claims(scope=scope))
 
 
 @pytest.mark.parametrize("scope", [None, "", "db:connectx", "DB:CONNECT", ["db"], 5, ["a", 1]])
@@ -224,14 +241,14 @@ def test_required_scopes_missing(scope: Any) -> None:
 
 def test_all_required_scopes_needed() -> None:
     policy = ClaimPolicy(required_scopes=frozenset({"a", "b"}))
-    evaluate(policy, claims(scope="b a"))
+    accept(policy, claims(scope="b a"))
     error = refuse(policy, claims(scope="a"), Rejection.SCOPE)
     assert "b" in error.detail  # names the configured scope that is missing
 
 
 def test_scope_claim_name() -> None:
     policy = ClaimPolicy(scope_claim="scp", required_scopes=frozenset({"db"}))
-    evaluate(policy, claims(scp=["db"]))
+    accept(policy, claims(scp=["db"]))
     refuse(policy, claims(scope="db"), Rejection.SCOPE)
 
 
@@ -256,8 +273,8 @@ def test_read_only_with_required_scopes() -> None:
 
 def test_databases_claim() -> None:
     policy = ClaimPolicy(databases_claim="dbs")
-    evaluate(policy, claims(dbs=["app", "other"]), database="app")
-    evaluate(policy, claims(dbs="app"), database="app")
+    accept(policy, claims(dbs=["app", "other"]), database="app")
+    accept(policy, claims(dbs="app"), database="app")
     for value in [["other"], "App", [], "app,other", ["app "], 5, [5], None]:
         refuse(policy, claims(dbs=value), Rejection.DATABASE, database="app")
 
@@ -269,12 +286,12 @@ def test_databases_claim_absent_is_refused() -> None:
 def test_databases_default_database_is_user() -> None:
     # No database in the startup packet: PostgreSQL connects to the user's name.
     policy = ClaimPolicy(databases_claim="dbs")
-    evaluate(policy, claims(dbs=["alice"]), database=None)
+    accept(policy, claims(dbs=["alice"]), database=None)
     refuse(policy, claims(dbs=["app"]), Rejection.DATABASE, database=None)
 
 
 def test_databases_not_checked_when_unset() -> None:
-    evaluate(ClaimPolicy(), claims(), database="anything")
+    accept(ClaimPolicy(), claims(), database="anything")
 
 
 # --- Lifetime and age ---------------------------------------------------------------------
@@ -282,7 +299,7 @@ def test_databases_not_checked_when_unset() -> None:
 
 def test_max_lifetime() -> None:
     policy = ClaimPolicy(max_lifetime_seconds=3600)
-    evaluate(policy, claims(iat=int(NOW), exp=int(NOW) + 3600))
+    accept(policy, claims(iat=int(NOW), exp=int(NOW) + 3600))
     error = refuse(policy, claims(iat=int(NOW), exp=int(NOW) + 3601), Rejection.LIFETIME)
     assert "3601" in error.detail
     refuse(policy, claims(iat=None), Rejection.LIFETIME)
@@ -293,7 +310,7 @@ def test_require_exp_false_needs_iat_and_age() -> None:
     decision = evaluate(policy, claims(exp=None, iat=int(NOW) - 100))
     assert decision.expires_at == NOW - 100 + 600
     refuse(policy, claims(exp=None, iat=int(NOW) - 611), Rejection.EXPIRED)
-    evaluate(policy, claims(exp=None, iat=int(NOW) - 609))  # within the leeway
+    accept(policy, claims(exp=None, iat=int(NOW) - 609))  # within the leeway
     refuse(policy, claims(exp=None, iat=None), Rejection.CLAIMS)
 
 
@@ -307,7 +324,7 @@ def test_require_exp_false_still_checks_exp() -> None:
 
 def test_max_age_with_lifetime_and_no_exp() -> None:
     policy = ClaimPolicy(require_exp=False, max_age_seconds=600, max_lifetime_seconds=60)
-    evaluate(policy, claims(exp=None, iat=int(NOW)))
+    accept(policy, claims(exp=None, iat=int(NOW)))
     refuse(policy, claims(iat=int(NOW), exp=int(NOW) + 61), Rejection.LIFETIME)
 
 
@@ -316,12 +333,12 @@ def test_max_age_with_lifetime_and_no_exp() -> None:
 
 def test_required_claims() -> None:
     policy = ClaimPolicy(required_claims=frozenset({"jti", "email"}))
-    evaluate(policy, claims(jti="1", email=""))
+    accept(policy, claims(jti="1", email=""))
     refuse(policy, claims(jti="1"), Rejection.CLAIMS)
     # Any value counts as present, even null.
     payload = claims(jti="1")
     payload["email"] = None
-    evaluate(policy, payload)
+    accept(policy, payload)
 
 
 def test_required_claims_from_list() -> None:
@@ -344,7 +361,7 @@ def test_each_rule_distinct_code() -> None:
         max_lifetime_seconds=600,
     )
     good = claims(iss="iss", aud="aud", tid="t", scope="s", dbs=["app"])
-    evaluate(policy, good)
+    accept(policy, good)
     cases = {
         Rejection.ISSUER: {"iss": "x"},
         Rejection.AUDIENCE: {"aud": "x"},

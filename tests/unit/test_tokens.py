@@ -112,6 +112,18 @@ def ed_signer(key: ed25519.Ed25519PrivateKey) -> Any:
     return key.sign
 
 
+def accept(v: TokenVerifier, token: str, user: str = "alice") -> Identity:
+    """Assert the token is accepted for ``user``, with the claims it carries: the role, the
+    lapse time (``exp``) and the algorithm of its header."""
+    identity = v.verify(token, user, now=NOW)
+    payload = jwt.decode(token, options={"verify_signature": False})
+    assert identity.role == user
+    assert identity.claims == payload
+    assert identity.expires_at == payload["exp"]
+    assert identity.algorithm == jwt.get_unverified_header(token)["alg"]
+    return identity
+
+
 def reject(v: TokenVerifier, token: str, code: Rejection, user: str = "alice") -> TokenRejected:
     with pytest.raises(TokenRejected) as info:
         v.verify(token, user, now=NOW)
@@ -202,7 +214,7 @@ def test_zero_leeway(keys: Keys) -> None:
     token = jwt.encode(claims(exp=int(NOW)), keys.ed25519, algorithm="EdDSA")
     reject(verifier(vkey(keys.ed25519), leeway=0), token, Rejection.EXPIRED)
     token = jwt.encode(claims(exp=int(NOW) + 1), keys.ed25519, algorithm="EdDSA")
-    verifier(vkey(keys.ed25519), leeway=0).verify(token, "alice", now=NOW)
+    accept(verifier(vkey(keys.ed25519), leeway=0), token)
 
 
 def test_float_exp(keys: Keys) -> None:
@@ -217,7 +229,7 @@ def test_nbf_in_future(keys: Keys) -> None:
 
 def test_nbf_within_leeway(keys: Keys) -> None:
     token = jwt.encode(claims(nbf=int(NOW) + 5), keys.ed25519, algorithm="EdDSA")
-    verifier(vkey(keys.ed25519)).verify(token, "alice", now=NOW)
+    accept(verifier(vkey(keys.ed25519)), token)
 
 
 def test_iat_in_future(keys: Keys) -> None:
@@ -227,7 +239,7 @@ def test_iat_in_future(keys: Keys) -> None:
 
 def test_missing_iat_ok(keys: Keys) -> None:
     token = jwt.encode({"sub": "alice", "exp": int(NOW) + 60}, keys.ed25519, algorithm="EdDSA")
-    verifier(vkey(keys.ed25519)).verify(token, "alice", now=NOW)
+    accept(verifier(vkey(keys.ed25519)), token)
 
 
 def test_missing_exp(keys: Keys) -> None:
@@ -401,7 +413,7 @@ def test_es384_signature_labelled_es256(keys: Keys) -> None:
     token = craft({"alg": "ES256", "typ": "JWT"}, claims(), _es384_raw_signer(keys.p384))
     # Sanity: the same bytes labelled ES384 verify.
     good = craft({"alg": "ES384", "typ": "JWT"}, claims(), _es384_raw_signer(keys.p384))
-    verifier(vkey(keys.p384)).verify(good, "alice", now=NOW)
+    accept(verifier(vkey(keys.p384)), good)
     # The P-384 key verifies ES384 only.
     reject(verifier(vkey(keys.p384)), token, Rejection.ALGORITHM)
     # With a P-256 key present too, the ES256 check fails on the signature.
@@ -427,7 +439,7 @@ def test_crit_header(keys: Keys) -> None:
 @pytest.mark.parametrize("typ", ["JWT", "jwt", "at+jwt", "application/at+jwt", "application/jwt"])
 def test_typ_accepted(keys: Keys, typ: str) -> None:
     token = craft({"alg": "EdDSA", "typ": typ}, claims(), ed_signer(keys.ed25519))
-    verifier(vkey(keys.ed25519)).verify(token, "alice", now=NOW)
+    accept(verifier(vkey(keys.ed25519)), token)
 
 
 @pytest.mark.parametrize("typ", ["JWE", "secevent+jwt", "", 1, ["JWT"], True])
@@ -501,7 +513,7 @@ def test_too_large(keys: Keys) -> None:
     assert "x" * 50 not in str(error)
     # Exactly at the configured maximum is allowed.
     token = jwt.encode(claims(), keys.ed25519, algorithm="EdDSA")
-    verifier(vkey(keys.ed25519), max_length=len(token)).verify(token, "alice", now=NOW)
+    accept(verifier(vkey(keys.ed25519), max_length=len(token)), token)
     reject(verifier(vkey(keys.ed25519), max_length=len(token) - 1), token, Rejection.TOO_LARGE)
 
 
@@ -697,7 +709,9 @@ def test_one_line_escaped_pem_accepted(keys: Keys) -> None:
 
 
 def test_surrounding_whitespace_accepted(keys: Keys) -> None:
-    load_verification_key("\n  " + public_pem(keys.ed25519) + "\n\n", name="K")
+    key = load_verification_key("\n  " + public_pem(keys.ed25519) + "\n\n", name="K")
+    identity = accept(verifier(key), jwt.encode(claims(), keys.ed25519, algorithm="EdDSA"))
+    assert identity.key_name == "K"
 
 
 @pytest.mark.parametrize(
@@ -949,7 +963,7 @@ def test_revoked_after_signature(keys: Keys) -> None:
     revoked = RevocationList.parse("jti leaked\nsub mallory\n", source="r.txt")
     v = TokenVerifier([vkey(keys.ed25519)], revocation=revoked)
     good = jwt.encode(claims(jti="fine"), keys.ed25519, algorithm="EdDSA")
-    v.verify(good, "alice", now=NOW)
+    assert accept(v, good).jti == "fine"
     error = reject(
         v, jwt.encode(claims(jti="leaked"), keys.ed25519, algorithm="EdDSA"), Rejection.REVOKED
     )
@@ -978,7 +992,7 @@ def test_revocation_consulted_only_after_signature(keys: Keys) -> None:
     reject(v, jwt.encode(claims(), keys.ed25519_b, algorithm="EdDSA"), Rejection.SIGNATURE)
     reject(v, craft({"alg": "none"}, claims()), Rejection.ALGORITHM)
     assert calls == []
-    v.verify(jwt.encode(claims(), keys.ed25519, algorithm="EdDSA"), "alice", now=NOW)
+    accept(v, jwt.encode(claims(), keys.ed25519, algorithm="EdDSA"))
     assert len(calls) == 1
 
 
