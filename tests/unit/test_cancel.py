@@ -45,7 +45,11 @@ def test_v32_key_is_aes_siv_of_length_key_padding_with_pid_as_associated_data() 
     assert len(long) == 16 + 1 + 32
 
 
-@pytest.mark.parametrize("upstream", [KEY30, KEY32, os.urandom(7), os.urandom(239)])
+@pytest.mark.parametrize(
+    "upstream",
+    [KEY30, KEY32, bytes(range(7)), bytes(range(239))],
+    ids=["4 bytes", "32 bytes", "7 bytes", "239 bytes"],  # the same ids in every xdist worker
+)
 def test_v32_round_trip(upstream: bytes) -> None:
     client = keys().client_key(77, upstream, 2)
     assert 32 <= len(client) <= wire.MAX_CANCEL_KEY_LENGTH
