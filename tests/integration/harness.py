@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -673,3 +674,31 @@ def metric(text: str, name: str, **labels: str) -> float:
         if have == wanted:
             return float(match.group(3))
     return 0.0
+
+
+def node_modules() -> Path | None:
+    """A node_modules holding node-postgres (`pg@8`), installed once into a cache directory
+    (JWTPG_TEST_NODE_CACHE, else ~/.cache/jwtpgproxy-tests/node) under a file lock, so
+    parallel test workers install it once; None without node and npm."""
+    if shutil.which("npm") is None or shutil.which("node") is None:
+        return None
+    cache = Path(
+        os.environ.get("JWTPG_TEST_NODE_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "jwtpgproxy-tests"
+        / "node"
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cache / "node_modules" / "pg" / "package.json").exists():
+            done = subprocess.run(
+                ["npm", "install", "--prefix", str(cache), "--no-audit", "--no-fund", "pg@8"],
+                check=False,
+                timeout=300,
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"npm install pg failed: {done.stderr[-2000:]}")
+    return cache / "node_modules"

@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
-from harness import KeyPair, Postgres, ProxyProcess, RawClient, free_port, mint
+from harness import KeyPair, Postgres, ProxyProcess, RawClient, free_port, mint, node_modules
 
 from jwtpgproxy.protocol import wire
 
@@ -662,29 +662,21 @@ const { Client } = require('pg');
 """
 
 
-def _node_pg() -> Path | None:
-    """A directory with node-postgres installed (NODE_PG_DIR, or bench/.node)."""
-    for candidate in (os.environ.get("NODE_PG_DIR"), str(Path(__file__).parents[2] / ".node")):
-        if candidate and (Path(candidate) / "node_modules" / "pg").is_dir():
-            return Path(candidate)
-    return None
-
-
-def test_node_postgres(pooled: Proxied, token: Callable[..., str]) -> None:
-    node, where = shutil.which("node"), _node_pg()
-    if node is None or where is None:
-        pytest.skip("node or node-postgres is not installed (npm install --prefix .node pg)")
-    script = where / "pool_node.js"
+def test_node_postgres(pooled: Proxied, token: Callable[..., str], tmp_path: Path) -> None:
+    node, modules = shutil.which("node"), node_modules()
+    if node is None or modules is None:
+        pytest.skip("node/npm not installed (Debian: apt-get install nodejs npm)")
+    script = tmp_path / "pool_node.js"
     script.write_text(NODE_SOURCE)
 
     def run() -> int:
         result = subprocess.run(
             [node, str(script), str(pooled.port), USER],
-            env={**os.environ, "PGPASSWORD": token()},
+            env={**os.environ, "PGPASSWORD": token(), "NODE_PATH": str(modules)},
             capture_output=True,
             text=True,
             timeout=60,
-            cwd=where,
+            cwd=tmp_path,
         )
         assert result.returncode == 0, result.stderr
         return int(result.stdout.strip())

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ProxyProcess
+from harness import ProxyProcess, node_modules
 
 from jwtpgproxy.client import load_private_key, mint_token, unverified_expiry
 from jwtpgproxy.ops.cli import main as cli_main
@@ -128,30 +128,6 @@ def setup(
     finally:
         for proxy in proxies.values():
             proxy.stop()
-
-
-def node_modules() -> Path | None:
-    """A node_modules with `pg`, installed once into a cache directory; None without npm."""
-    if shutil.which("npm") is None or shutil.which("node") is None:
-        return None
-    cache = Path(
-        os.environ.get("JWTPG_TEST_NODE_CACHE")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        / "jwtpgproxy-tests"
-        / "node"
-    )
-    if not (cache / "node_modules" / "pg" / "package.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(
-            ["npm", "install", "--prefix", str(cache), "--no-audit", "--no-fund", "pg@8"],
-            check=False,
-            timeout=300,
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"npm install pg failed: {done.stderr[-2000:]}")
-    return cache / "node_modules"
 
 
 def write_token_file(setup: Setup) -> None:

@@ -46,15 +46,18 @@ HAPROXY_CFG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "hapr
 LB_HOST = "127.0.0.10"
 REPLICA_HOSTS = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
 USER = "scram_user"
-TABLE = "scaleout_rows"
+#: One table per xdist worker (each worker runs its own cluster of replicas).
+TABLE = f"scaleout_rows_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 SHUTDOWN_DELAY = 2.0  # > fall x inter in haproxy.cfg (2 x 0.5 s)
 #: Row numbers, unique across the tests of this module (the table is shared).
 NUMBERS = itertools.count(1)
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("haproxy") is None,
-    reason="haproxy is not installed (./test.sh installs it with apt-get where it can)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("haproxy") is None,
+        reason="haproxy is not installed (./test.sh installs it with apt-get where it can)",
+    ),
+]
 
 
 def http_get_status(host: str, port: int, path: str) -> tuple[int, str]:
@@ -257,6 +260,7 @@ def backend_states(pg: Postgres, pids: list[int]) -> dict[int, str]:
 # --- 1. Cancels through the load balancer ---------------------------------------------------
 
 
+@pytest.mark.xdist_group("scaleout")  # one worker runs them in turn: one table
 def test_cancels_through_load_balancer_reach_sessions_on_any_replica(
     cluster: Cluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -428,6 +432,7 @@ class Load:
             return {n for (n,) in conn.execute(query).fetchall()}
 
 
+@pytest.mark.xdist_group("scaleout")  # one worker runs them in turn: one table
 def test_rolling_restart_under_load_fails_no_login(
     cluster: Cluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -472,6 +477,7 @@ def test_rolling_restart_under_load_fails_no_login(
         assert "accepting during shutdown delay" in replica.log()
 
 
+@pytest.mark.xdist_group("scaleout")  # one worker runs them in turn: one table
 def test_sigkilled_replica_loses_only_its_own_clients(
     cluster: Cluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
