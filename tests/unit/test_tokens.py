@@ -468,6 +468,14 @@ def test_segment_count(keys: Keys, segments: int) -> None:
     reject(verifier(vkey(keys.ed25519)), token, Rejection.MALFORMED)
 
 
+@pytest.mark.parametrize("char", ["\ud800", "\u00e9", "\u2028"])
+def test_non_ascii_anywhere_is_malformed(keys: Keys, char: str) -> None:
+    """Also in the signature segment, which PyJWT would encode as UTF-8 (a lone surrogate
+    made that raise UnicodeEncodeError, found by test_verify_mutated_valid_token)."""
+    token = jwt.encode(claims(), keys.ed25519, algorithm="EdDSA")
+    reject(verifier(vkey(keys.ed25519)), token[:-2] + char + token[-1], Rejection.MALFORMED)
+
+
 def test_empty_token(keys: Keys) -> None:
     with pytest.raises(TokenRejected) as info:
         verifier(vkey(keys.ed25519)).verify("", "alice", now=NOW)

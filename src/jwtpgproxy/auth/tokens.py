@@ -307,6 +307,8 @@ class TokenVerifier:
         :class:`TokenRejected`. Pure CPU: no I/O, no awaiting."""
         if len(token) > self.policy.max_token_length:
             raise TokenRejected(Rejection.TOO_LARGE, f"token of {len(token)} characters")
+        if not token.isascii():  # RFC 7515 7.1: base64url segments and dots, nothing else
+            raise TokenRejected(Rejection.MALFORMED, "characters outside ASCII")
         segments = token.split(".")
         if len(segments) != 3:
             # Also refuses JWE (5 segments) and JWS JSON serialisation.
