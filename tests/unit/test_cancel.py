@@ -210,7 +210,7 @@ def test_limiter_refills_and_table_is_bounded() -> None:
     assert limiter.allow("a", now=0.5) and not limiter.allow("a", now=0.5)
     for i in range(1000):
         limiter.allow(f"s{i}", now=1.0)
-    assert len(limiter._buckets) <= 100
+    assert len(limiter._forwards) <= 100
 
 
 def test_unregister_and_reregistered_pid() -> None:

@@ -58,6 +58,7 @@ from ..logs import event
 from ..protocol import wire
 from .connection import HandshakeProtocol
 from .metrics import Metrics
+from .throttle import SourceBuckets
 from .upstream import UpstreamSSLMode, UpstreamTarget, connect_raw, negotiate_tls
 
 log = logging.getLogger("jwtpgproxy")
@@ -124,15 +125,17 @@ class CancelEntry:
 
 
 class CancelRegistry:
-    """This worker's live sessions by upstream pid, and a token bucket per source address
+    """This worker's live sessions by upstream pid, and a token bucket per source (IPv4 address,
+    IPv6 /64: jwtpgproxy.proxy.throttle.source_key)
     (a bounded table) for the cancels that cannot be verified."""
 
     def __init__(
         self, keys: CancelKeys, metrics: Metrics, rate: float = 10.0, max_sources: int = 4096
     ) -> None:
-        self.keys, self._metrics, self._rate, self._max_sources = keys, metrics, rate, max_sources
-        self._burst = max(1.0, rate) if rate > 0 else 0.0
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self.keys, self._metrics = keys, metrics
+        self._forwards = SourceBuckets(
+            burst=max(1.0, rate) if rate > 0 else 0.0, per_second=rate, max_sources=max_sources
+        )
         self._by_pid: dict[int, CancelEntry] = {}
 
     def register(
@@ -171,13 +174,8 @@ class CancelRegistry:
         return "routed_unverified", upstream_key, None
 
     def allow(self, source: str, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        tokens, last = self._buckets.pop(source, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate)
-        if len(self._buckets) >= self._max_sources:  # forget the longest-unseen source
-            del self._buckets[next(iter(self._buckets))]
-        self._buckets[source] = (tokens - (tokens >= 1), now)
-        return tokens >= 1
+        """Whether an unverifiable cancel from ``source`` may be forwarded now."""
+        return self._forwards.take(source, time.monotonic() if now is None else now)
 
     async def handle(
         self, request: wire.CancelRequest, target: UpstreamTarget, *, source: str, **fields: object

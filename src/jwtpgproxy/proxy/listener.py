@@ -160,7 +160,11 @@ class ProxyServer:
                 self.metrics.connections_refused.labels("max_client_connections").inc()
             sock.setblocking(False)
             session = Session(
-                self.context, sock, over_limit=over_limit, on_spliced=self._on_spliced
+                self.context,
+                sock,
+                source=source,
+                over_limit=over_limit,
+                on_spliced=self._on_spliced,
             )
             self._pending += 1
             self._pending_source[session] = source

@@ -129,10 +129,13 @@ class Session:
         context: ServerContext,
         sock: socket.socket,
         *,
+        source: str,
         over_limit: bool = False,
         on_spliced: Callable[[Session], None] | None = None,
     ) -> None:
         """``sock``: a just-accepted, non-blocking client socket, owned from now on.
+        ``source``: what the client's address counts against in per-source limits
+        (jwtpgproxy.proxy.throttle.source_key).
 
         ``over_limit``: the server is at its client limit; once the startup packet is read
         the client gets FATAL 53300, before any password is asked (as PostgreSQL does).
@@ -144,6 +147,7 @@ class Session:
         self._sock = sock
         self.client = HandshakeProtocol(self.runtime.keepalive)  # connected by _accept()
         self.peer = format_peer(sock)
+        self.source = source
         self.phase = Phase.ACCEPTED
         #: The client's startup packet, once read.
         self.startup: wire.StartupMessage | None = None
@@ -511,9 +515,8 @@ class Session:
         return wire.backend_key_data(pid, self._cancel_entry.client_key)
 
     async def _handle_cancel(self, request: wire.CancelRequest, *, tls: bool) -> None:
-        source = self.peer.rsplit(":", 1)[0]
         await self._context.cancels.handle(
-            request, self.runtime.upstream, source=source, client=self.peer, tls=tls
+            request, self.runtime.upstream, source=self.source, client=self.peer, tls=tls
         )
 
     def _fail(self, exc: ProxyError) -> None:

@@ -10,7 +10,8 @@ sockets): each failed login takes a token from its source's bucket, which refill
 ``per_minute`` tokens a minute up to ``burst``; a source whose bucket is empty is throttled
 (its new connections are refused) until a token has grown back. The table is bounded: at
 ``max_sources`` the least recently touched source is forgotten (a full bucket carries no
-information, so nothing is lost for well-behaved sources).
+information, so nothing is lost for well-behaved sources). The buckets themselves are
+:class:`SourceBuckets`, which the cancel forwarding limit (jwtpgproxy.proxy.cancel) uses too.
 """
 
 from __future__ import annotations
@@ -39,6 +40,51 @@ def source_key(address: object) -> str:
     return str(ip)
 
 
+class SourceBuckets:
+    """Token buckets keyed by source: each holds up to ``burst`` tokens and refills at
+    ``per_second``; a source not in the table has a full bucket. At most ``max_sources``
+    are kept, the least recently stored forgotten first."""
+
+    def __init__(self, *, burst: float, per_second: float, max_sources: int) -> None:
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
+        self.configure(burst=burst, per_second=per_second, max_sources=max_sources)
+
+    def configure(self, *, burst: float, per_second: float, max_sources: int) -> None:
+        """New limits; the buckets are kept (the oldest dropped beyond ``max_sources``)."""
+        self.burst, self.per_second, self.max_sources = burst, per_second, max_sources
+        self._trim()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def level(self, source: str, now: float) -> float:
+        """``source``'s tokens at ``now``."""
+        entry = self._buckets.get(source)
+        if entry is None:
+            return float(self.burst)
+        tokens, at = entry
+        return min(float(self.burst), tokens + (now - at) * self.per_second)
+
+    def store(self, source: str, tokens: float, now: float) -> None:
+        self._buckets[source] = (tokens, now)
+        self._buckets.move_to_end(source)
+        self._trim()
+
+    def forget(self, source: str) -> None:
+        self._buckets.pop(source, None)
+
+    def take(self, source: str, now: float) -> bool:
+        """Take one token from ``source`` if it has one; whether it had."""
+        tokens = self.level(source, now)
+        allowed = tokens >= 1.0
+        self.store(source, tokens - allowed, now)
+        return allowed
+
+    def _trim(self) -> None:
+        while len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)
+
+
 class FailedLoginThrottle:
     """A token bucket of failed logins per source (see the module docstring).
     ``burst`` 0 turns throttling off."""
@@ -52,18 +98,26 @@ class FailedLoginThrottle:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
+        self._buckets = SourceBuckets(burst=0, per_second=1.0, max_sources=1)
         self.configure(burst=burst, per_minute=per_minute, max_sources=max_sources)
 
     def configure(self, *, burst: int, per_minute: float, max_sources: int) -> None:
         """New limits (a reload); the buckets are kept."""
         if burst < 0 or per_minute <= 0 or max_sources < 1:
             raise ValueError("burst >= 0, per_minute > 0 and max_sources >= 1 required")
-        self.burst = burst
-        self.per_second = per_minute / 60.0
-        self.max_sources = max_sources
-        while len(self._buckets) > max_sources:
-            self._buckets.popitem(last=False)
+        self._buckets.configure(burst=burst, per_second=per_minute / 60.0, max_sources=max_sources)
+
+    @property
+    def burst(self) -> float:
+        return self._buckets.burst
+
+    @property
+    def per_second(self) -> float:
+        return self._buckets.per_second
+
+    @property
+    def max_sources(self) -> int:
+        return self._buckets.max_sources
 
     @property
     def enabled(self) -> bool:
@@ -72,23 +126,13 @@ class FailedLoginThrottle:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def _tokens(self, source: str, now: float) -> float | None:
-        entry = self._buckets.get(source)
-        if entry is None:
-            return None
-        tokens, at = entry
-        return min(float(self.burst), tokens + (now - at) * self.per_second)
-
     def allows(self, source: str) -> bool:
         """Whether a new connection from ``source`` may try to log in."""
         if not self.enabled:
             return True
-        now = self._clock()
-        tokens = self._tokens(source, now)
-        if tokens is None:
-            return True
+        tokens = self._buckets.level(source, self._clock())
         if tokens >= self.burst:
-            del self._buckets[source]  # full again: forget it
+            self._buckets.forget(source)  # full again: forget it
             return True
         return tokens >= 1.0
 
@@ -97,17 +141,15 @@ class FailedLoginThrottle:
         if not self.enabled:
             return False
         now = self._clock()
-        tokens = self._tokens(source, now)
-        tokens = (float(self.burst) if tokens is None else tokens) - 1.0
-        self._buckets[source] = (max(tokens, 0.0), now)
-        self._buckets.move_to_end(source)
-        while len(self._buckets) > self.max_sources:
-            self._buckets.popitem(last=False)
+        tokens = self._buckets.level(source, now) - 1.0
+        self._buckets.store(source, max(tokens, 0.0), now)
         return tokens < 1.0
 
     def retry_after(self, source: str) -> float:
         """Seconds until ``source`` may try again (0 if it may now)."""
-        tokens = self._tokens(source, self._clock()) if self.enabled else None
-        if tokens is None or tokens >= 1.0:
+        if not self.enabled:
+            return 0.0
+        tokens = self._buckets.level(source, self._clock())
+        if tokens >= 1.0:
             return 0.0
         return (1.0 - tokens) / self.per_second
