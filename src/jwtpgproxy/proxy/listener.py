@@ -70,9 +70,8 @@ class ProxyServer:
         self.context = ServerContext(runtime, cancels, metrics, pool=Pool(runtime.pool, metrics))
         self._listeners: list[socket.socket] = []
         self._stopping = asyncio.Event()
-        self._pending = 0  # sessions accepted that have not finished login
-        #: Pending sessions' sources, and how many each source has.
-        self._pending_source: dict[Session, str] = {}
+        #: Sessions accepted that have not finished login, and how many each source has.
+        self._pending: set[Session] = set()
         self._pending_by_source: dict[str, int] = defaultdict(int)
         limits = runtime.limits
         self._throttle = FailedLoginThrottle(
@@ -139,7 +138,7 @@ class ProxyServer:
                 loop.call_later(_ACCEPT_BACKOFF_SECONDS, self._resume_accepting, listener)
                 return
             self.metrics.connections_total.inc()
-            if self._pending >= limits.max_pending_logins:
+            if len(self._pending) >= limits.max_pending_logins:
                 # Closed without a word: reading even a startup packet costs what the limit
                 # is there to bound. The authentication deadline frees the pending ones.
                 self.metrics.connections_refused.labels("max_pending_logins").inc()
@@ -147,7 +146,7 @@ class ProxyServer:
                     log,
                     WARNING,
                     "connection refused: too many pending logins",
-                    pending=self._pending,
+                    pending=len(self._pending),
                 )
                 sock.close()
                 continue
@@ -166,8 +165,7 @@ class ProxyServer:
                 over_limit=over_limit,
                 on_spliced=self._on_spliced,
             )
-            self._pending += 1
-            self._pending_source[session] = source
+            self._pending.add(session)
             self._pending_by_source[source] += 1
             self.metrics.connections_open.inc()
             task = loop.create_task(session.run())
@@ -193,10 +191,10 @@ class ProxyServer:
         return True
 
     def _release_pending(self, session: Session) -> None:
-        source = self._pending_source.pop(session, None)
-        if source is None:
+        if session not in self._pending:
             return
-        self._pending -= 1
+        self._pending.remove(session)
+        source = session.source
         left = self._pending_by_source[source] - 1
         if left > 0:
             self._pending_by_source[source] = left

@@ -399,9 +399,9 @@ class Splice:
         ended cleanly); None if the proxy is ending this session itself. The caller sets
         the transport's protocol before returning to the event loop; for this splice,
         upstream's side counts as gone."""
-        half = self.upstream_half
-        if self._released or (isinstance(half, EndableHalf) and half.ending):
+        if self._released or self.ending:
             return None
+        half = self.upstream_half
         transport = half.own  # before side_lost(), which may let the halves drop it
         self._released = True
         self.side_lost(half)
