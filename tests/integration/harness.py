@@ -702,3 +702,44 @@ def node_modules() -> Path | None:
             if done.returncode != 0:
                 raise RuntimeError(f"npm install pg failed: {done.stderr[-2000:]}")
     return cache / "node_modules"
+
+
+#: Imported at start-up by the proxy under test (PYTHONPATH): keeps all cyclic garbage
+#: (gc.DEBUG_SAVEALL) and, on SIGUSR1, writes how much of it is the proxy's, uvloop's or
+#: ssl's, by type.
+_CYCLIC_GARBAGE_REPORTER = """
+import collections, gc, os, signal
+gc.set_debug(gc.DEBUG_SAVEALL)
+def _report(*_):
+    gc.collect()
+    ours = collections.Counter(
+        type(o).__qualname__ for o in gc.garbage
+        if type(o).__module__.split(".")[0] in ("jwtpgproxy", "uvloop", "ssl", "_ssl", "asyncio")
+    )
+    gc.garbage.clear()
+    path = os.environ["GARBAGE_REPORT"]
+    with open(path + ".tmp", "w") as f:
+        f.write(repr(dict(ours)))
+    os.replace(path + ".tmp", path)
+signal.signal(signal.SIGUSR1, _report)
+"""
+
+
+class CyclicGarbage:
+    """What a proxy process leaves for the cycle collector: start the proxy with ``env``,
+    then :meth:`collect` collects and returns the proxy's share of the garbage by type
+    (``"{}"`` when there is none)."""
+
+    def __init__(self, directory: Path) -> None:
+        site = directory / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(_CYCLIC_GARBAGE_REPORTER)
+        self.report = directory / "garbage.txt"
+        self.env = {"PYTHONPATH": str(site), "GARBAGE_REPORT": str(self.report)}
+
+    def collect(self, proxy: ProxyProcess) -> str:
+        assert proxy.process is not None
+        self.report.unlink(missing_ok=True)
+        proxy.process.send_signal(signal.SIGUSR1)
+        assert wait_for(self.report.exists), "no garbage report within 10 s"
+        return self.report.read_text()

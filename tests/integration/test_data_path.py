@@ -12,7 +12,6 @@ with a relay between the proxy and PostgreSQL.
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
 import ssl
 import struct
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from harness import (
+    CyclicGarbage,
     Postgres,
     ProxyProcess,
     RawClient,
@@ -257,27 +257,6 @@ def test_a_client_that_stops_reading_is_reported_as_stalled(
     client.close()
 
 
-#: Imported at start-up by the proxy under test (PYTHONPATH): keeps all cyclic garbage
-#: (gc.DEBUG_SAVEALL) and, on SIGUSR1, writes how much of it is the proxy's, uvloop's or
-#: ssl's, by type.
-_GARBAGE_REPORTER = """
-import collections, gc, os, signal
-gc.set_debug(gc.DEBUG_SAVEALL)
-def _report(*_):
-    gc.collect()
-    ours = collections.Counter(
-        type(o).__qualname__ for o in gc.garbage
-        if type(o).__module__.split(".")[0] in ("jwtpgproxy", "uvloop", "ssl", "_ssl", "asyncio")
-    )
-    gc.garbage.clear()
-    path = os.environ["GARBAGE_REPORT"]
-    with open(path + ".tmp", "w") as f:
-        f.write(repr(dict(ours)))
-    os.replace(path + ".tmp", path)
-signal.signal(signal.SIGUSR1, _report)
-"""
-
-
 def test_sessions_leave_no_reference_cycles(
     start_proxy: Callable[..., ProxyProcess],
     token_for: Callable[..., str],
@@ -287,11 +266,8 @@ def test_sessions_leave_no_reference_cycles(
     of a result leave no cyclic garbage behind (TLS on both sides): each is freed when its
     last callback returns, not at the cycle collector's next pass with both TLS layers'
     buffers -- which made RSS grow by ~56 MB per 300 aborted sessions under churn."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_GARBAGE_REPORTER)
-    report = tmp_path / "garbage.txt"
-    proxy = start_proxy(PYTHONPATH=str(site), GARBAGE_REPORT=str(report), LOG_LEVEL="INFO")
+    garbage = CyclicGarbage(tmp_path)
+    proxy = start_proxy(**garbage.env, LOG_LEVEL="INFO")
     token = token_for("scram_user")
     sessions = 0
     for _ in range(5):
@@ -315,10 +291,8 @@ def test_sessions_leave_no_reference_cycles(
         sessions += 3
     wait_for(lambda: proxy.log().count("connection closed:") >= sessions, timeout=20)
     assert proxy.log().count("connection closed:") == sessions
-    assert proxy.process is not None
-    proxy.process.send_signal(signal.SIGUSR1)
-    assert wait_for(report.exists), "no garbage report within 10 s"
-    assert report.read_text() == "{}", report.read_text()
+    report = garbage.collect(proxy)
+    assert report == "{}", report
 
 
 def _minor_faults(pid: int) -> int:

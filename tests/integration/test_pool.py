@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -22,7 +21,16 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
-from harness import KeyPair, Postgres, ProxyProcess, RawClient, free_port, mint, node_modules
+from harness import (
+    CyclicGarbage,
+    KeyPair,
+    Postgres,
+    ProxyProcess,
+    RawClient,
+    free_port,
+    mint,
+    node_modules,
+)
 
 from jwtpgproxy.protocol import wire
 
@@ -690,16 +698,10 @@ def test_pooled_sessions_leave_no_reference_cycles(
     """As test_data_path's check, with pooling: sessions that park their connection, that
     reuse one, that leave mid-transaction or are aborted mid-result leave no cyclic garbage
     (the parked connections themselves are alive, not garbage)."""
-    from test_data_path import _GARBAGE_REPORTER
-
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_GARBAGE_REPORTER)
-    report = tmp_path / "garbage.txt"
+    garbage = CyclicGarbage(tmp_path)
     metrics_port = free_port()
     process = start_proxy(
-        PYTHONPATH=str(site),
-        GARBAGE_REPORT=str(report),
+        **garbage.env,
         LOG_LEVEL="INFO",
         POOL__MODE="session",
         METRICS__PORT=str(metrics_port),
@@ -731,11 +733,8 @@ def test_pooled_sessions_leave_no_reference_cycles(
     assert process.log().count("connection closed:") == sessions
     assert proxied.metric("jwtpgproxy_pool_hits_total") >= 3
     assert process.process is not None
-    process.process.send_signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while not report.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert report.read_text() == "{}", report.read_text()
+    report = garbage.collect(process)
+    assert report == "{}", report
 
 
 def test_shutdown_closes_parked_connections(
