@@ -391,6 +391,9 @@ def _proxy(
             "UPSTREAM__PASSWORD": PASSWORD,
             "UPSTREAM__SSLMODE": "prefer",
             "UPSTREAM__CONNECT_TIMEOUT": "3",
+            # The fake plays its scenario on every connection it accepts: a spare would be
+            # one more that no login uses.
+            "UPSTREAM__SPARE_CONNECTIONS": "0",
             "DOWNSTREAM__SSLMODE": "disable",
             "AUTHENTICATION_TIMEOUT": timeout,
             "LOG_LEVEL": "INFO",

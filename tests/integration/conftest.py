@@ -126,6 +126,10 @@ def _shared_proxy_to_recorder(
         "UPSTREAM__HOST": "127.0.0.1",
         "UPSTREAM__PORT": str(_shared_recording_upstream.port),
         "UPSTREAM__SSLMODE": "disable",
+        # The tests count the connections upstream accepts: after a good login a spare
+        # would arrive at some moment of the next test (test_operations checks that no
+        # spare is opened before a verified login).
+        "UPSTREAM__SPARE_CONNECTIONS": "0",
     }
     process = ProxyProcess(env, tmp_path_factory.mktemp("proxy-to-recorder") / "proxy.log")
     with process:

@@ -187,6 +187,7 @@ def test_token_just_over_the_cap(
         UPSTREAM__PORT=str(recording_upstream.port),
         UPSTREAM__SSLMODE="disable",
         UPSTREAM__SSLROOTCERT=None,
+        UPSTREAM__SPARE_CONNECTIONS="0",  # the recorder counts connections (conftest.py)
     )
     _assert_uniform_28p01(proxy, "A" * 1024, "at cap")
     for size in (1025, 16385, 10 * 1024 * 1024):

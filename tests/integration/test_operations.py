@@ -18,6 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from harness import (
+    KeyPair,
     Postgres,
     ProxyProcess,
     RawClient,
@@ -283,6 +284,40 @@ def test_metrics_after_known_mix_of_logins(
     assert metric(text, "jwtpgproxy_client_bytes_total", direction="from_client") > 0
     # Bounded label values only: no user name, token or address in any label.
     assert "scram_user" not in text and "127.0.0.1" not in text and "eyJ" not in text
+
+
+def test_logins_start_on_a_spare_upstream_connection(
+    start_proxy: Callable[..., ProxyProcess],
+    keys: dict[str, KeyPair],
+    token_for: Callable[..., str],
+) -> None:
+    """After a login the worker holds one upstream connection, connected and TLS-verified,
+    for the next; the next login uses it; unused, it is closed after its idle timeout."""
+    metrics_port = free_port()
+    proxy = start_proxy(METRICS__PORT=str(metrics_port), UPSTREAM__SPARE_IDLE_TIMEOUT="1.5")
+    dsn = proxy_dsn(proxy, "scram_user", token_for("scram_user"))
+
+    def sample(name: str, **labels: str) -> float:
+        return metric(http_get(metrics_port)[1], name, **labels)
+
+    for token in bad_tokens(keys, token_for).values():
+        RawClient(proxy.port).login("scram_user", token)
+    time.sleep(0.2)
+    # A client without a valid token never makes the proxy connect upstream, spares included.
+    assert sample("jwtpgproxy_upstream_spares_total", result="none") == 0
+    assert sample("jwtpgproxy_upstream_spares_ready") == 0
+    with psycopg.connect(dsn) as conn:
+        first = conn.execute("select pg_backend_pid()").fetchone()
+    assert wait_for(lambda: sample("jwtpgproxy_upstream_spares_ready") == 1)
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute(
+            "select pg_backend_pid(), ssl from pg_stat_ssl where pid = pg_backend_pid()"
+        ).fetchone()[1]
+        assert conn.execute("select pg_backend_pid()").fetchone() != first
+    assert sample("jwtpgproxy_upstream_spares_total", result="none") == 1
+    assert sample("jwtpgproxy_upstream_spares_total", result="used") == 1
+    assert wait_for(lambda: sample("jwtpgproxy_upstream_spares_total", result="expired") == 1)
+    assert sample("jwtpgproxy_upstream_spares_ready") == 0
 
 
 def test_healthz_and_readyz(

@@ -81,6 +81,11 @@ class UpstreamSettings(_Section):
     require_auth: str | None = None
     #: The highest SCRAM iteration count upstream may ask for (PostgreSQL's default: 4096).
     scram_max_iterations: int = Field(default=DEFAULT_MAX_ITERATIONS, ge=4096, le=MAX_ITERATIONS)
+    #: Connections per worker kept connected and TLS-negotiated for the next logins
+    #: (jwtpgproxy.proxy.spare); 0: every login connects from scratch.
+    spare_connections: int = Field(default=1, ge=0, le=64)
+    #: Seconds a spare may wait unused; keep it below PostgreSQL's authentication_timeout.
+    spare_idle_timeout: float = Field(default=30.0, gt=0, le=3600)
 
 
 class DownstreamSettings(_Section):
@@ -655,6 +660,8 @@ def upstream_target(settings: Settings) -> UpstreamTarget:
         ),
         require_auth=upstream_require_auth(up),
         scram_max_iterations=up.scram_max_iterations,
+        spare_connections=up.spare_connections,
+        spare_idle_timeout=up.spare_idle_timeout,
     )
 
 

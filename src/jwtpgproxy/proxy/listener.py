@@ -34,6 +34,7 @@ from .metrics import Metrics
 from .pool import Pool
 from .runtime import Runtime
 from .session import ServerContext, Session
+from .spare import UpstreamSpares
 from .throttle import FailedLoginThrottle, source_key
 from .upstream import CachedProbe, probe_upstream, terminate_backends
 
@@ -67,7 +68,13 @@ class ProxyServer:
         metrics = Metrics(self._live_sessions)
         rate = runtime.limits.cancel_forwards_per_second
         cancels = CancelRegistry(runtime.cancel_keys, metrics, rate)
-        self.context = ServerContext(runtime, cancels, metrics, pool=Pool(runtime.pool, metrics))
+        self.context = ServerContext(
+            runtime,
+            cancels,
+            metrics,
+            pool=Pool(runtime.pool, metrics),
+            spares=UpstreamSpares(metrics),
+        )
         self._listeners: list[socket.socket] = []
         self._stopping = asyncio.Event()
         #: Sessions accepted that have not finished login, and how many each source has.
@@ -368,6 +375,8 @@ class ProxyServer:
         self._close_listeners()  # stop accepting; live connections are ours to end
         if self.context.pool is not None:
             self.context.pool.close_all("shutdown")  # and sessions ending now park nothing
+        if self.context.spares is not None:
+            self.context.spares.close()
         timeout = self.runtime.limits.shutdown_timeout
         if self._tasks:
             event(log, INFO, "draining", sessions=len(self._tasks), timeout=timeout)

@@ -81,6 +81,16 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.upstream_spares = Counter(
+            "jwtpgproxy_upstream_spares",
+            "Spare upstream connections: logins that found one ready (used) or not (none), "
+            "and spares closed unused (expired, stale) or not opened (failed)",
+            ["result"],
+            registry=r,
+        )
+        self.upstream_spares_ready = Gauge(
+            "jwtpgproxy_upstream_spares_ready", "Spare upstream connections ready now", registry=r
+        )
         self.cancel_requests = Counter(
             "jwtpgproxy_cancel_requests",
             "Cancel requests received, by result",

@@ -56,6 +56,7 @@ from ..protocol import login as login_sm
 from ..protocol import wire
 from .connection import HandshakeProtocol, Keepalive, read_buffer
 from .metrics import Metrics
+from .spare import UpstreamSpares
 from .splice import (
     EndableHalf,
     Half,
@@ -578,6 +579,7 @@ class Pool:
         protocol_minor: int,
         key: PoolKey,
         on_login: Callable[[float], None] | None = None,
+        spares: UpstreamSpares | None = None,
     ) -> tuple[UpstreamConnection, Lease]:
         """A logged-in upstream connection for ``parameters`` (the full upstream startup
         parameters): a parked one if there is one, else a new login. Either way the
@@ -595,7 +597,7 @@ class Pool:
         self._metrics.pool_misses.inc()
         started = time.monotonic()
         startup = {k: v for k, v in parameters.items() if k not in APPLIED_AFTER_RESET}
-        fresh = await open_upstream(target, startup, protocol_minor)
+        fresh = await open_upstream(target, startup, protocol_minor, spares=spares)
         if on_login is not None:
             on_login(time.monotonic() - started)
         loop = asyncio.get_running_loop()

@@ -49,6 +49,7 @@ from .connection import HandshakeProtocol, format_peer
 from .metrics import Metrics
 from .pool import Lease, Pool, SessionTracking, pool_key
 from .runtime import Runtime
+from .spare import UpstreamSpares
 from .splice import Splice
 from .upstream import UpstreamConnection, describe, open_upstream
 
@@ -114,6 +115,8 @@ class ServerContext:
     metrics: Metrics
     #: Parked upstream connections (POOL__MODE=session); None when pooling is off.
     pool: Pool | None = None
+    #: Connected upstream connections waiting for a login (UPSTREAM__SPARE_CONNECTIONS).
+    spares: UpstreamSpares | None = None
 
 
 @dataclass(slots=True)
@@ -411,6 +414,7 @@ class Session:
                 protocol_minor=self.protocol_minor,
                 key=key,
                 on_login=self._context.metrics.upstream_login_seconds.observe,
+                spares=self._context.spares,
             )
             self.upstream = upstream
             if self._lease.reused:
@@ -426,7 +430,9 @@ class Session:
                 )
                 return upstream
         else:
-            upstream = self.upstream = await open_upstream(target, parameters, self.protocol_minor)
+            upstream = self.upstream = await open_upstream(
+                target, parameters, self.protocol_minor, spares=self._context.spares
+            )
             self._context.metrics.upstream_login_seconds.observe(time.monotonic() - started)
         event(
             log,

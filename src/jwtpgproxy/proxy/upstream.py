@@ -13,6 +13,7 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -30,6 +31,9 @@ from ..protocol import wire
 from ..protocol.login import ALL_AUTH_METHODS, AuthMethod, ChannelBindingPolicy
 from ..protocol.scram import DEFAULT_MAX_ITERATIONS
 from .connection import HandshakeProtocol, Keepalive
+
+if TYPE_CHECKING:
+    from .spare import UpstreamSpares
 
 
 class UpstreamSSLMode(enum.StrEnum):
@@ -59,6 +63,10 @@ class UpstreamTarget:
     require_auth: frozenset[AuthMethod] = ALL_AUTH_METHODS
     #: The highest SCRAM iteration count accepted from upstream.
     scram_max_iterations: int = DEFAULT_MAX_ITERATIONS
+    #: Connections kept connected and TLS-negotiated for the next logins (proxy.spare).
+    spare_connections: int = 1
+    #: Seconds a spare may wait unused; below PostgreSQL's authentication_timeout.
+    spare_idle_timeout: float = 30.0
 
 
 _TLS_REQUIRED = frozenset(
@@ -80,20 +88,50 @@ def describe(target: UpstreamTarget) -> str:
 
 
 async def open_upstream(
-    target: UpstreamTarget, parameters: Mapping[str, str], protocol_minor: int = 0
+    target: UpstreamTarget,
+    parameters: Mapping[str, str],
+    protocol_minor: int = 0,
+    *,
+    spares: UpstreamSpares | None = None,
 ) -> UpstreamConnection:
     """Connect and log in as ``parameters["user"]``, asking for protocol 3.``protocol_minor``
-    (upstream may negotiate it down); raise an UpstreamError on failure."""
+    (upstream may negotiate it down); raise an UpstreamError on failure. With ``spares``, the
+    first connection is a spare if one is ready (see :mod:`.spare`)."""
     if target.sslmode is UpstreamSSLMode.ALLOW:
         # libpq "allow": plaintext first; TLS only if the server refuses plaintext.
         try:
-            return await _attempt(target, parameters, protocol_minor, use_tls=False)
+            return await _first_attempt(target, parameters, protocol_minor, spares)
         except UpstreamErrorResponse as exc:
             if exc.sqlstate != INVALID_AUTHORIZATION_SPECIFICATION:
                 raise
         return await _attempt(target, parameters, protocol_minor, use_tls=True)
-    use_tls = target.sslmode is not UpstreamSSLMode.DISABLE
-    return await _attempt(target, parameters, protocol_minor, use_tls=use_tls)
+    return await _first_attempt(target, parameters, protocol_minor, spares)
+
+
+async def _first_attempt(
+    target: UpstreamTarget,
+    parameters: Mapping[str, str],
+    protocol_minor: int,
+    spares: UpstreamSpares | None,
+) -> UpstreamConnection:
+    spare = spares.take(target) if spares is not None else None
+    if spare is not None:
+        protocol, tls = spare
+        answered = protocol.bytes_received
+        try:
+            return await _log_in(protocol, tls, target, parameters, protocol_minor)
+        except UpstreamUnavailable:
+            if protocol.bytes_received != answered:
+                raise
+            # Closed before upstream answered anything (authentication_timeout ended the
+            # backend as the login began): nothing was said, so a new connection is safe.
+    return await _attempt(target, parameters, protocol_minor, use_tls=first_attempt_tls(target))
+
+
+def first_attempt_tls(target: UpstreamTarget) -> bool:
+    """Whether a login's first connection asks for TLS (libpq's sslmode: "allow" tries
+    plaintext first, "disable" never asks)."""
+    return target.sslmode not in (UpstreamSSLMode.DISABLE, UpstreamSSLMode.ALLOW)
 
 
 async def _attempt(
@@ -105,9 +143,23 @@ async def _attempt(
 ) -> UpstreamConnection:
     protocol = await connect_raw(target)
     try:
-        tls = False
-        if use_tls:
-            tls = await negotiate_tls(protocol, target)
+        tls = await negotiate_tls(protocol, target) if use_tls else False
+    except BaseException:
+        protocol.abort()
+        raise
+    return await _log_in(protocol, tls, target, parameters, protocol_minor)
+
+
+async def _log_in(
+    protocol: HandshakeProtocol,
+    tls: bool,
+    target: UpstreamTarget,
+    parameters: Mapping[str, str],
+    protocol_minor: int,
+) -> UpstreamConnection:
+    """Drive the login over ``protocol``, connected (and TLS-negotiated when ``tls``) with
+    nothing sent yet; aborts it on failure."""
+    try:
         binding = _tls_server_end_point(protocol) if tls else None
         machine = login_sm.UpstreamLogin(
             user=parameters["user"],
