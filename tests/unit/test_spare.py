@@ -236,8 +236,8 @@ async def test_the_next_login_starts_on_the_spare_the_last_one_opened(upstreams)
     target = target_for(upstream.port)
     spares, metrics = spares_and_metrics()
     await login(target, spares)  # no spare yet: connection 0; connection 1 becomes one
-    await until(lambda: len(spares) == 1)
-    assert upstream.accepted == 2 and upstream.events == ["login"]
+    await until(lambda: len(spares) == 1 and upstream.accepted == 2)
+    assert upstream.events == ["login"]
     await login(target, spares)  # on connection 1, opened before this login began
     await until(lambda: len(spares) == 1 and upstream.accepted == 3)  # connection 2
     await until(lambda: len(upstream.events) == 2)
