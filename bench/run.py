@@ -614,11 +614,16 @@ def copy_in(env: Env, target: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": dt, "mb_per_s": env.copy_bytes / 1e6 / dt, "bytes": env.copy_bytes}
 
 
-def connect_latency(env: Env, target: dict[str, Any], n: int) -> dict[str, Any]:
+def connect_latency(
+    env: Env, target: dict[str, Any], n: int, gap_ms: float = 0.0
+) -> dict[str, Any]:
+    """``n`` sequential connects, ``gap_ms`` apart (an application's think time; 0: back to
+    back, which leaves a middleman no idle moment to prepare the next one)."""
     import psycopg
 
     times = []
     for _ in range(n):
+        time.sleep(gap_ms / 1000)
         t0 = time.perf_counter()
         with psycopg.connect(target["dsn"], password=target["password"], gssencmode="disable") as c:
             c.execute("select 1").fetchone()
@@ -1112,6 +1117,12 @@ def parse_args() -> argparse.Namespace:
         "--connects", type=int, default=200, help="connections for connect latency (default 200)"
     )
     p.add_argument(
+        "--connect-gap-ms",
+        type=float,
+        default=0.0,
+        help="pause before each connect of the connect-latency test (default 0)",
+    )
+    p.add_argument(
         "--idle", type=int, default=10000, help="idle proxy connections (default 10000; 0 = skip)"
     )
     p.add_argument("--no-idle", action="store_true", help="skip the idle-connection test")
@@ -1206,10 +1217,11 @@ def write_report(raw: dict[str, Any], out: Path) -> None:
     c = raw["config"]
     env_note = f" Proxy extra env: {c['proxy_env_dict']}." if c.get("proxy_env_dict") else ""
     var_note = "".join(f" proxy-{n}: {e}." for n, e in c.get("variants", []))
+    gap = f" {c['connect_gap_ms']:g} ms apart" if c.get("connect_gap_ms") else ""
     md = (
         f"# Benchmark summary ({raw['started']})\n\n"
         f"Medians of {len(raw['rounds'])} interleaved round(s); pgbench -j 2 -T {c['duration']}; "
-        f"COPY {c['copy_bytes'] / 1e6:.0f} MB; {c['connects']} connects. "
+        f"COPY {c['copy_bytes'] / 1e6:.0f} MB; {c['connects']} connects{gap}. "
         "Client TLS on for every target (sslmode=require). "
         "`-tls` targets use TLS upstream, `-unix` targets PostgreSQL's Unix socket "
         "(trust: no SCRAM upstream), the others plaintext upstream on localhost."
@@ -1414,7 +1426,12 @@ def main() -> int:
             steps.append(("copy_out", lambda t: copy_out(env, env.targets[t])))
             steps.append(("copy_in", lambda t: copy_in(env, env.targets[t])))
         if "connect" in workloads:
-            steps.append(("connect", lambda t: connect_latency(env, env.targets[t], a.connects)))
+            steps.append(
+                (
+                    "connect",
+                    lambda t: connect_latency(env, env.targets[t], a.connects, a.connect_gap_ms),
+                )
+            )
         interleave(env, targets, steps, a.rounds, raw, a.out / "results.json")
         with contextlib.suppress(OSError, AttributeError):
             env.copy_file.unlink()  # give the RAM back before the idle test
