@@ -269,7 +269,7 @@ async def test_no_spares_when_the_count_is_zero(upstreams) -> None:
         await login(target, spares)
     await asyncio.sleep(0.1)
     assert upstream.accepted == 3 and len(spares) == 0
-    assert counted(metrics, "used") == 0
+    assert counted(metrics, "used") == counted(metrics, "none") == 0
 
 
 @asynchronous

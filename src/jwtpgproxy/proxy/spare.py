@@ -64,6 +64,8 @@ class UpstreamSpares:
     def take(self, target: UpstreamTarget) -> tuple[HandshakeProtocol, bool] | None:
         """A spare for ``target`` (its protocol, and whether it is TLS), or None; either way
         more are opened in the background, up to the target's count."""
+        if not target.spare_connections and not self._spares:
+            return None  # spares are off: nothing to count
         found: tuple[HandshakeProtocol, bool] | None = None
         while self._spares and found is None:
             spare = self._spares.popleft()
