@@ -59,7 +59,7 @@ from ..protocol import wire
 from .connection import HandshakeProtocol
 from .metrics import Metrics
 from .throttle import SourceBuckets
-from .upstream import UpstreamSSLMode, UpstreamTarget, connect_raw, negotiate_tls
+from .upstream import UpstreamTarget, connect_raw, first_attempt_tls, negotiate_tls
 
 log = logging.getLogger("jwtpgproxy")
 
@@ -73,8 +73,6 @@ _HALVES = struct.Struct("!HH")
 _FORWARD_TIMEOUT = 10.0
 #: Outcomes (metric label ``result``) after which nothing is sent upstream.
 DROPPED = frozenset({"unmatched", "forged", "rate_limited"})
-#: For a session held elsewhere, TLS to upstream unless the settings try plaintext first.
-_PLAINTEXT_FIRST = (UpstreamSSLMode.DISABLE, UpstreamSSLMode.ALLOW)
 
 
 class CancelKeys:
@@ -187,8 +185,8 @@ class CancelRegistry:
         if outcome in DROPPED:
             event(log, INFO, "cancel request ignored", pid=pid, reason=outcome, **fields)
             return
-        if tls is None:
-            tls = target.ssl_context is not None and target.sslmode not in _PLAINTEXT_FIRST
+        if tls is None:  # a session held elsewhere: TLS unless the settings try plaintext first
+            tls = target.ssl_context is not None and first_attempt_tls(target)
         event(log, INFO, "cancel request forwarded", pid=pid, route=outcome, **fields)
         await forward_cancel(target, pid, upstream_key, tls)
 

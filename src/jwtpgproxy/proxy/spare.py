@@ -31,7 +31,7 @@ from ..errors import ProxyError
 from ..logs import event
 from .connection import HandshakeProtocol
 from .metrics import Metrics
-from .upstream import UpstreamTarget, connect_raw, first_attempt_tls, negotiate_tls
+from .upstream import UpstreamTarget, connect, first_attempt_tls
 
 log = logging.getLogger("jwtpgproxy")
 
@@ -71,7 +71,8 @@ class UpstreamSpares:
             spare = self._spares.popleft()
             self._cancel_timer(spare)
             if spare.target is not target or spare.protocol.closed:
-                self._close(spare, "stale")
+                spare.protocol.close()
+                self._count("stale")
                 continue
             found = (spare.protocol, spare.tls)
         self._count("used" if found is not None else "none")
@@ -90,38 +91,27 @@ class UpstreamSpares:
 
     async def _open(self, target: UpstreamTarget) -> None:
         try:
-            protocol = await connect_raw(target)
+            protocol, tls = await connect(target, use_tls=first_attempt_tls(target))
         except ProxyError as exc:
-            self._failed(exc)
+            self._failed_at = asyncio.get_running_loop().time()
+            self._count("failed")
+            event(log, DEBUG, "upstream spare connection failed", error=exc)
             return
-        try:
-            tls = await negotiate_tls(protocol, target) if first_attempt_tls(target) else False
-        except ProxyError as exc:
-            protocol.abort()
-            self._failed(exc)
-            return
-        except BaseException:
-            protocol.abort()
-            raise
-        spare = _Spare(target, protocol, tls)
         if self._closed:
-            self._close(spare, "closed")
+            protocol.close()  # shut down while it was opening
             return
+        spare = _Spare(target, protocol, tls)
         loop = asyncio.get_running_loop()
         spare.timer = loop.call_later(target.spare_idle_timeout, self._expire, spare)
         self._spares.append(spare)
         self._ready_changed()
 
-    def _failed(self, exc: ProxyError) -> None:
-        self._failed_at = asyncio.get_running_loop().time()
-        self._count("failed")
-        event(log, DEBUG, "upstream spare connection failed", error=exc)
-
     def _expire(self, spare: _Spare) -> None:
         spare.timer = None
         if spare in self._spares:
             self._spares.remove(spare)
-            self._close(spare, "expired")
+            spare.protocol.close()
+            self._count("expired")
             self._ready_changed()
 
     def close(self) -> None:
@@ -132,13 +122,8 @@ class UpstreamSpares:
         while self._spares:
             spare = self._spares.popleft()
             self._cancel_timer(spare)
-            self._close(spare, "closed")
+            spare.protocol.close()
         self._ready_changed()
-
-    def _close(self, spare: _Spare, reason: str) -> None:
-        spare.protocol.close()  # close_notify and FIN: PostgreSQL logs nothing for it
-        if reason != "closed":
-            self._count(reason)
 
     @staticmethod
     def _cancel_timer(spare: _Spare) -> None:

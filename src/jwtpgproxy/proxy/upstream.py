@@ -141,13 +141,20 @@ async def _attempt(
     *,
     use_tls: bool,
 ) -> UpstreamConnection:
+    protocol, tls = await connect(target, use_tls=use_tls)
+    return await _log_in(protocol, tls, target, parameters, protocol_minor)
+
+
+async def connect(target: UpstreamTarget, *, use_tls: bool) -> tuple[HandshakeProtocol, bool]:
+    """A connection to upstream with nothing sent yet but, with ``use_tls``, SSLRequest and
+    the TLS handshake (the sslmode may settle for plaintext); and whether it is TLS. The
+    connection is aborted if the TLS step fails."""
     protocol = await connect_raw(target)
     try:
-        tls = await negotiate_tls(protocol, target) if use_tls else False
+        return protocol, await negotiate_tls(protocol, target) if use_tls else False
     except BaseException:
         protocol.abort()
         raise
-    return await _log_in(protocol, tls, target, parameters, protocol_minor)
 
 
 async def _log_in(
